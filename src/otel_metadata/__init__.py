@@ -1,0 +1,11 @@
+"""otel-metadata: OpenTelemetry span context → PromptLayer request metadata.
+
+    provider.add_span_processor(MetadataSpanProcessor())   # reads PROMPTLAYER_API_KEY
+"""
+
+from .context import metadata_context, set_request_id
+from .processor import MetadataSpanProcessor
+from .retry import RetryPolicy
+
+__all__ = ["MetadataSpanProcessor", "RetryPolicy", "metadata_context", "set_request_id"]
+__version__ = "0.1.0"

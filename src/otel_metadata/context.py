@@ -1,0 +1,134 @@
+"""What the app says in code: `set_request_id` on a span, `metadata_context` around a block.
+
+`metadata_context` values live in the OpenTelemetry `Context` (not a private ContextVar), so they
+follow the same paths as the active span and baggage: threads given a copied context, asyncio
+tasks, and an explicit `context=` passed to `start_span`.
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+import logging
+from collections.abc import Callable, Mapping
+from types import MappingProxyType, TracebackType
+from typing import Any, TypeVar, cast
+
+from opentelemetry import baggage, trace
+from opentelemetry.context import Context, attach, create_key, detach, get_current, set_value
+
+from .mapping import METADATA_PREFIX, REQUEST_ID_ATTRIBUTE, check_request_id, stringify
+
+_logger = logging.getLogger("otel_metadata")
+
+_CONTEXT_KEY = create_key("otel_metadata.values")
+_EMPTY: Mapping[str, str] = MappingProxyType({})
+F = TypeVar("F", bound=Callable[..., Any])
+
+# metadata_context keyword → the baggage entry a downstream service maps back to the same key.
+_BAGGAGE_NAMES = {"user_id": "user.id", "conversation_id": "gen_ai.conversation.id"}
+
+
+def set_request_id(request_id: int | str, span: trace.Span | None = None) -> None:
+    """Mark `span` (default: the current span) as the span of PromptLayer request `request_id`.
+
+    Raises `TypeError`/`ValueError` for None, bool, float or an empty string: a request ID that
+    cannot be posted is a bug worth hearing about at the call site.
+    """
+    check_request_id(request_id)
+    target = span if span is not None else trace.get_current_span()
+    if not target.is_recording():
+        _logger.warning("otel-metadata: set_request_id(%r) found no recording span; "
+                        "the request will get no metadata", request_id)
+        return
+    target.set_attribute(REQUEST_ID_ATTRIBUTE, request_id)
+
+
+def context_values(context: Context | None = None) -> Mapping[str, str]:
+    """The `metadata_context` values active in `context` (default: the current context)."""
+    ctx = get_current() if context is None else context
+    values = ctx.get(_CONTEXT_KEY)
+    return cast(Mapping[str, str], values) if values is not None else _EMPTY
+
+
+def baggage_entries(context: Context | None) -> Mapping[str, object]:
+    """The baggage of `context` (default: current), without copying it."""
+    return baggage.get_all(context)
+
+
+class metadata_context:  # noqa: N801 - named like the context managers of contextlib
+    """Metadata for every request span started inside: a context manager and a decorator.
+
+    ``with metadata_context(user_id="u1", plan="pro"):`` — nested contexts merge, the inner
+    winning per key. ``propagate=True`` also writes W3C baggage entries (``user.id``,
+    ``gen_ai.conversation.id``, ``promptlayer.metadata.<key>``) so downstream services running
+    this processor get them; beware that baggage travels in clear in outgoing request headers,
+    to every service you call, including third parties.
+    """
+
+    def __init__(
+        self,
+        user_id: object = None,
+        conversation_id: object = None,
+        *,
+        propagate: bool = False,
+        **metadata: object,
+    ) -> None:
+        given = {"user_id": user_id, "conversation_id": conversation_id, **metadata}
+        values: dict[str, str] = {}
+        for key, value in given.items():
+            if value is None:
+                continue
+            text = stringify(value)
+            if text is None:
+                raise TypeError(f"metadata_context: {key}={value!r} is a "
+                                f"{type(value).__name__}; use str, bool, int, float or a list")
+            values[key] = text
+        self._values = values
+        self._propagate = propagate
+        self._tokens: list[object] = []
+
+    def _context(self) -> Context:
+        ctx = get_current()
+        merged = {**context_values(ctx), **self._values}
+        ctx = set_value(_CONTEXT_KEY, MappingProxyType(merged), ctx)
+        if self._propagate:
+            for key, value in self._values.items():
+                name = _BAGGAGE_NAMES.get(key, METADATA_PREFIX + key)
+                ctx = baggage.set_baggage(name, value, ctx)
+        return ctx
+
+    def __enter__(self) -> Mapping[str, str]:
+        ctx = self._context()
+        self._tokens.append(attach(ctx))
+        return context_values(ctx)
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        detach(self._tokens.pop())  # type: ignore[arg-type]
+
+    def _fresh(self) -> metadata_context:
+        """A copy per call, so one decorator serves concurrent calls in many threads/tasks."""
+        clone = metadata_context.__new__(metadata_context)
+        clone._values, clone._propagate, clone._tokens = self._values, self._propagate, []
+        return clone
+
+    def __call__(self, func: F) -> F:
+        if inspect.iscoroutinefunction(func):
+            @functools.wraps(func)
+            async def async_wrapper(*args: Any, **kwargs: Any) -> Any:
+                with self._fresh():
+                    return await func(*args, **kwargs)
+
+            return cast(F, async_wrapper)
+
+        @functools.wraps(func)
+        def wrapper(*args: Any, **kwargs: Any) -> Any:
+            with self._fresh():
+                return func(*args, **kwargs)
+
+        return cast(F, wrapper)

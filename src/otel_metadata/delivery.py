@@ -1,0 +1,174 @@
+"""Delivery: sender threads that drain the record queue over HTTP (SPEC §7).
+
+Like the SDK's batch processor: a bounded queue, worker threads, flush and shutdown with
+timeouts, and a fresh start after `os.fork()`. Unlike it: up to `max_concurrency` POSTs in
+flight (there is no bulk endpoint), retries with backoff, and `force_flush` honours its timeout.
+
+Plain daemon threads, started up front, not a `concurrent.futures` pool: a pool refuses work
+once the interpreter is shutting down, which is exactly when the provider's exit hook flushes,
+and Python 3.12+ refuses to start threads then.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import time
+import weakref
+from collections.abc import Callable
+
+from .config import Settings
+from .mapping import RequestId
+from .queue import Entry, RecordQueue
+from .retry import RetryPolicy
+from .stats import Stats
+from .transport import Outcome, Transport
+
+_logger = logging.getLogger("otel_metadata")
+
+_PERMANENT_HINTS = {
+    400: "the API rejected the request as malformed",
+    401: "the API key was rejected",
+    403: "the API key may not track metadata",
+    404: "no such endpoint: check PROMPTLAYER_BASE_URL",
+    422: "the API rejected the metadata (validation)",
+}
+
+
+class Delivery:
+    """Posts queued records with bounded concurrency, retrying until the export timeout."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        stats: Stats,
+        retry: RetryPolicy | None = None,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        assert settings.api_key is not None
+        self._settings = settings
+        self._stats = stats
+        self._retry = retry or RetryPolicy()
+        self._clock = clock
+        self._key_rejected = False
+        self._shutdown = False
+        self._start()
+        # A forked child inherits the queue but not the threads: start afresh there.
+        ref = weakref.WeakMethod(self._after_fork)
+        os.register_at_fork(after_in_child=lambda: (m := ref()) and m())
+
+    def _start(self) -> None:
+        s = self._settings
+        assert s.api_key is not None
+        self._queue = RecordQueue(s.max_queue_size, s.max_export_batch_size, s.schedule_delay_s,
+                                  self._clock)
+        self._transport = Transport(s.endpoint, s.api_key, s.max_concurrency)
+        self._wake = threading.Event()  # set to cut backoff sleeps short at shutdown
+        self._threads = [
+            threading.Thread(target=self._run, name=f"otel-metadata-sender-{i}", daemon=True)
+            for i in range(s.max_concurrency)
+        ]
+        for thread in self._threads:
+            thread.start()
+
+    def _after_fork(self) -> None:
+        if self._shutdown:
+            return
+        self._stats.reset_after_fork()
+        self._start()
+
+    def __repr__(self) -> str:
+        return f"Delivery(endpoint={self._settings.endpoint!r})"
+
+    # -- the app's side: never blocks on the network --
+
+    def submit(self, request_id: RequestId, metadata: dict[str, str]) -> None:
+        if self._key_rejected:
+            self._stats.add("dropped.unauthorized")
+            self._queue.put_failed()
+            return
+        if self._queue.put(request_id, metadata):
+            self._stats.add("queued")
+        else:
+            self._stats.add("dropped.queue_full" if not self._shutdown else "dropped.shutdown")
+            self._stats.warn_once("drop", "queue_full", "otel-metadata: queue full (%d request "
+                                  "IDs); dropping new metadata. Raise OTEL_BSP_MAX_QUEUE_SIZE?",
+                                  self._settings.max_queue_size)
+
+    def force_flush(self, timeout_s: float) -> bool:
+        """True when everything submitted before the call was delivered within `timeout_s`."""
+        deadline = self._clock() + timeout_s
+        return self._queue.wait_settled(self._queue.mark(), deadline)
+
+    def shutdown(self, timeout_s: float) -> None:
+        if self._shutdown:
+            return
+        self.force_flush(timeout_s)
+        self._shutdown = True
+        left = self._queue.close()
+        self._wake.set()
+        if left:
+            self._stats.add("dropped.shutdown", len(left))
+        self._transport.close()
+
+    # -- sender threads --
+
+    def _run(self) -> None:
+        queue = self._queue
+        while True:
+            entry = queue.take()
+            if entry is None:
+                return
+            try:
+                delivered = self._deliver(entry)
+            except Exception:  # a bug here must not kill the sender and stall delivery
+                _logger.exception("otel-metadata: unexpected error delivering a record")
+                delivered = False
+                self._stats.add("dropped.error")
+            queue.done(entry, delivered)
+
+    def _deliver(self, entry: Entry) -> bool:
+        deadline = self._clock() + self._settings.export_timeout_s
+        retries = 0
+        while True:
+            if self._key_rejected:
+                self._stats.add("dropped.unauthorized")
+                return False
+            remaining = deadline - self._clock()
+            timeout = min(self._settings.request_timeout_s, remaining)
+            outcome = self._transport.post(entry.request_id, entry.metadata, timeout)
+            self._stats.add("posts")
+            if outcome.ok:
+                self._stats.add("delivered")
+                return True
+            if not self._retry.is_retryable(outcome.status):
+                self._reject(outcome)
+                return False
+            wait = self._retry.backoff(retries, outcome.retry_after)
+            if self._shutdown or self._clock() + wait >= deadline:
+                self._stats.add("dropped.retries_exhausted")
+                self._stats.warn_once("drop", "exhausted", "otel-metadata: giving up on request "
+                                      "%s after %d tries (last: %s); more such drops are only "
+                                      "counted", entry.request_id, retries + 1, _describe(outcome))
+                return False
+            retries += 1
+            self._stats.add("retried")
+            self._wake.wait(wait)
+
+    def _reject(self, outcome: Outcome) -> None:
+        status = outcome.status
+        self._stats.add(f"rejected.{status}")
+        if status == 401:
+            self._key_rejected = True
+            _logger.warning("otel-metadata: PromptLayer rejected the API key from %s (HTTP 401); "
+                            "no more metadata will be sent by this process. Check the key.",
+                            self._settings.api_key_source)
+            return
+        self._stats.warn_once("reject", str(status), "otel-metadata: %s (%s): %s; not retried",
+                              _PERMANENT_HINTS.get(status or 0, "request refused"),
+                              _describe(outcome), outcome.detail[:200])
+
+
+def _describe(outcome: Outcome) -> str:
+    return f"HTTP {outcome.status}" if outcome.status is not None else str(outcome.error)

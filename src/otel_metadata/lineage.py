@@ -1,0 +1,226 @@
+"""The trace-scoped join: a request span's metadata is the merge of its lineage (SPEC §6).
+
+Works on plain `SpanData`, not on SDK spans, so spans decoded from OTLP can enter it too.
+
+Strongest first: the request span's own attributes; its ancestors', nearer winning; the
+`metadata_context`/baggage values active when it started; resource attributes; static metadata.
+Siblings and cousins never contribute: only the parent chain is walked.
+
+A trace is held from its first relevant span until its local root ends (at most
+`max_wait_s`), then lingers `max_wait_s` more so a request span that ends after its root still
+finds its ancestors. What is learnt after a request was posted goes out as a follow-up carrying
+only keys not sent yet, or changed keys from a layer at least as strong as the one that sent them.
+
+Beware: links of spans that end before anything in their trace was relevant are not kept (that is
+what keeps unrelated traffic cheap). When such a gap breaks a request's parent chain, the trace's
+single local root is still used, since it is an ancestor of every local span of the trace.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+
+from .mapping import RequestId
+from .stats import Stats
+
+# Layer strengths (higher wins). Ancestors sit between the request itself and the context layer.
+STATIC, RESOURCE, CONTEXT, OWN = 0, 1, 2, 10_000
+_MAX_DEPTH = OWN - CONTEXT - 2
+# After its first post, a trace whose root never ends is kept this many `max_wait_s` at most.
+_FOLLOWUP_HORIZON = 12
+_MIN_FOLLOWUP_HORIZON_S = 60.0
+
+Emit = Callable[[RequestId, dict[str, str]], None]
+
+
+@dataclass(slots=True)
+class SpanData:
+    """What the join needs of one ended span, already mapped to metadata."""
+
+    trace_id: int
+    span_id: int
+    parent_id: int | None
+    local_root: bool
+    metadata: Mapping[str, str]
+    request_id: RequestId | None = None
+    context: Mapping[str, str] | None = None
+    resource: Mapping[str, str] | None = None
+
+
+class _Trace:
+    __slots__ = ("parents", "metadata", "requests", "sent", "roots", "phase", "due")
+
+    def __init__(self, due: float) -> None:
+        self.parents: dict[int, int | None] = {}
+        self.metadata: dict[int, Mapping[str, str]] = {}
+        self.requests: dict[int, SpanData] = {}
+        self.sent: dict[RequestId, dict[str, tuple[str, int]]] = {}
+        self.roots: list[int] = []
+        self.phase: dict[int, _Trace] = {}  # which of the join's phase dicts holds it
+        self.due = due
+
+
+class TraceJoin:
+    """Holds traces until their metadata is complete, then emits one record per request ID."""
+
+    def __init__(
+        self,
+        emit: Emit,
+        *,
+        static: Mapping[str, str],
+        max_traces: int,
+        max_wait_s: float,
+        stats: Stats,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self._emit = emit
+        self._static = dict(static)
+        self._max_traces = max_traces
+        self._wait = max_wait_s
+        self._horizon = max(_MIN_FOLLOWUP_HORIZON_S, _FOLLOWUP_HORIZON * max_wait_s)
+        self._stats = stats
+        self._clock = clock
+        self._lock = threading.Lock()
+        self._traces: dict[int, _Trace] = {}
+        # Phases, each in the order its `due` times grow: waiting for the root; posted early
+        # and still waiting for the root; root ended and lingering.
+        self._waiting: dict[int, _Trace] = {}
+        self._early: dict[int, _Trace] = {}
+        self._lingering: dict[int, _Trace] = {}
+
+    def holds(self, trace_id: int) -> bool:
+        """Whether spans of this trace must be recorded even when they carry nothing."""
+        return trace_id in self._traces
+
+    def __len__(self) -> int:
+        return len(self._traces)
+
+    def add(self, span: SpanData) -> None:
+        """Record an ended span; post what became complete."""
+        with self._lock:
+            trace = self._traces.get(span.trace_id)
+            if trace is None:
+                trace = self._new_trace(span.trace_id)
+            trace.parents[span.span_id] = span.parent_id
+            if span.metadata:
+                trace.metadata[span.span_id] = span.metadata
+            if span.request_id is not None:
+                trace.requests[span.span_id] = span
+                if trace.phase is not self._waiting:
+                    self._post(trace, span)
+            if span.local_root:
+                trace.roots.append(span.span_id)
+                self._post_all(trace)
+                self._move(span.trace_id, trace, self._lingering, self._clock() + self._wait)
+
+    def expire(self) -> float | None:
+        """Post traces whose wait ran out and forget old ones; return when to call again."""
+        now = self._clock()
+        with self._lock:
+            for tid, trace in _due(self._waiting, now):
+                self._post_all(trace)
+                self._move(tid, trace, self._early, trace.due - self._wait + self._horizon)
+            for tid, trace in _due(self._early, now) + _due(self._lingering, now):
+                self._forget(tid, trace)
+            dues = [next(iter(d.values())).due for d in (self._waiting, self._early,
+                                                          self._lingering) if d]
+            return min(dues) if dues else None
+
+    def release_all(self) -> None:
+        """Post every held request now, root ended or not (for `force_flush` and shutdown)."""
+        with self._lock:
+            for tid, trace in list(self._waiting.items()):
+                self._post_all(trace)
+                self._move(tid, trace, self._early, trace.due - self._wait + self._horizon)
+
+    def clear(self) -> None:
+        """Forget everything (a forked child: the parent posts what it held)."""
+        self._lock = threading.Lock()
+        self._traces, self._waiting, self._early, self._lingering = {}, {}, {}, {}
+
+    # -- inside the lock --
+
+    def _new_trace(self, trace_id: int) -> _Trace:
+        while len(self._traces) >= self._max_traces:
+            self._evict_oldest()
+        trace = _Trace(self._clock() + self._wait)
+        trace.phase = self._waiting
+        self._waiting[trace_id] = trace
+        self._traces[trace_id] = trace
+        return trace
+
+    def _evict_oldest(self) -> None:
+        phase = self._lingering or self._early or self._waiting
+        tid, trace = next(iter(phase.items()))
+        if phase is self._waiting:
+            self._post_all(trace)
+        self._stats.add("traces_evicted")
+        self._forget(tid, trace)
+
+    def _move(self, tid: int, trace: _Trace, phase: dict[int, _Trace], due: float) -> None:
+        del trace.phase[tid]
+        trace.phase, trace.due = phase, due
+        phase[tid] = trace
+
+    def _forget(self, tid: int, trace: _Trace) -> None:
+        trace.phase.pop(tid, None)
+        self._traces.pop(tid, None)
+
+    def _post_all(self, trace: _Trace) -> None:
+        for span in trace.requests.values():
+            self._post(trace, span)
+
+    def _post(self, trace: _Trace, span: SpanData) -> None:
+        assert span.request_id is not None
+        merged = self._merge(trace, span)
+        sent = trace.sent.setdefault(span.request_id, {})
+        out: dict[str, str] = {}
+        for key, (value, strength) in merged.items():
+            before = sent.get(key)
+            if before is None or (strength >= before[1] and value != before[0]):
+                out[key] = value
+                sent[key] = (value, strength)
+            elif value == before[0] and strength > before[1]:
+                sent[key] = (value, strength)
+        if out:
+            if len(sent) > len(out):
+                self._stats.add("followups")
+            self._emit(span.request_id, out)
+
+    def _merge(self, trace: _Trace, span: SpanData) -> dict[str, tuple[str, int]]:
+        layers: list[tuple[int, Mapping[str, str]]] = [(OWN, span.metadata)]
+        known = trace.parents
+        parent = None if span.local_root else span.parent_id
+        depth = 1
+        while parent is not None and depth < _MAX_DEPTH:
+            if parent not in known:
+                # A gap in the chain: the single local root is an ancestor all the same.
+                if len(trace.roots) == 1 and trace.roots[0] in trace.metadata:
+                    layers.append((OWN - depth, trace.metadata[trace.roots[0]]))
+                break
+            if parent in trace.metadata:
+                layers.append((OWN - depth, trace.metadata[parent]))
+            parent = None if parent in trace.roots else known[parent]
+            depth += 1
+        if span.context:
+            layers.append((CONTEXT, span.context))
+        if span.resource:
+            layers.append((RESOURCE, span.resource))
+        layers.append((STATIC, self._static))
+        merged: dict[str, tuple[str, int]] = {}
+        for strength, values in reversed(layers):
+            for key, value in values.items():
+                merged[key] = (value, strength)
+        return merged
+
+
+def _due(phase: dict[int, _Trace], now: float) -> list[tuple[int, _Trace]]:
+    out = []
+    for tid, trace in phase.items():
+        if trace.due > now:
+            break
+        out.append((tid, trace))
+    return out

@@ -1,0 +1,154 @@
+"""The mapping rules: which span attributes become which PromptLayer metadata (SPEC §3–5).
+
+Pure functions over plain mappings, so in-process spans, baggage, resources and (later) spans
+decoded from OTLP all go through the same rules.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from .stats import Stats
+
+METADATA_PREFIX = "promptlayer.metadata."
+REQUEST_ID_ATTRIBUTE = "promptlayer.request_id"
+MAX_KEY_LENGTH = 1024
+
+# (attribute, metadata key), strongest last within each tuple group: see `map_attributes`.
+STANDARD: tuple[tuple[str, str], ...] = (
+    ("user.id", "user_id"),
+    ("gen_ai.conversation.id", "conversation_id"),
+)
+FALLBACK: tuple[tuple[str, str], ...] = (
+    ("enduser.id", "user_id"),
+    ("session.id", "conversation_id"),
+)
+
+RequestId = int | str
+
+
+@dataclass(frozen=True)
+class MappingRules:
+    """What to read from attributes. `extra_attributes` maps more attributes explicitly."""
+
+    request_id_attributes: tuple[str, ...] = (REQUEST_ID_ATTRIBUTE,)
+    extra_attributes: Mapping[str, str] = field(default_factory=dict)
+    max_value_length: int = 1024
+    # Exact attribute names that matter; a span with none of them and no prefixed key is skipped.
+    relevant: frozenset[str] = field(init=False)
+
+    def __post_init__(self) -> None:
+        names = {a for a, _ in STANDARD + FALLBACK}
+        names.update(self.request_id_attributes, self.extra_attributes)
+        object.__setattr__(self, "relevant", frozenset(names))
+
+    def is_relevant(self, attributes: Mapping[str, Any]) -> bool:
+        """Cheap test whether `attributes` could yield metadata or a request ID."""
+        if not attributes:
+            return False
+        if not self.relevant.isdisjoint(attributes):
+            return True
+        return METADATA_PREFIX in "\0".join(attributes)
+
+
+def stringify(value: object) -> str | None:
+    """OpenTelemetry's rule for non-OTLP exporters; None for a value no attribute can hold."""
+    if isinstance(value, str):
+        return value
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (int, float)):
+        return str(value)
+    if isinstance(value, (list, tuple)):
+        try:
+            return json.dumps(list(value), ensure_ascii=False)
+        except (TypeError, ValueError):
+            return None
+    return None
+
+
+def _put(out: dict[str, str], key: str, value: object, rules: MappingRules, stats: Stats) -> None:
+    if not key:
+        return
+    if len(key) > MAX_KEY_LENGTH:
+        stats.add("dropped_keys")
+        stats.warn_once("key", key[:64], "otel-metadata: dropping metadata key longer than %d "
+                        "characters (starts %r)", MAX_KEY_LENGTH, key[:64])
+        return
+    text = stringify(value)
+    if text is None:
+        stats.add("dropped_values")
+        stats.warn_once("type", key, "otel-metadata: metadata %r has a value of type %s, which "
+                        "is not an attribute type; dropped", key, type(value).__name__)
+        return
+    if len(text) > rules.max_value_length:
+        stats.add("truncated_values")
+        stats.warn_once("long", key, "otel-metadata: truncating metadata %r to %d characters",
+                        key, rules.max_value_length)
+        text = text[: rules.max_value_length]
+    out[key] = text
+
+
+def map_attributes(
+    attributes: Mapping[str, Any], rules: MappingRules, stats: Stats
+) -> dict[str, str]:
+    """One layer's attributes → metadata.
+
+    Within a layer: explicit ``promptlayer.metadata.<key>`` beats a standard attribute, which
+    beats an `extra_attributes` mapping, which beats a fallback (``enduser.id``, ``session.id``).
+    Applied weakest first, so the stronger source overwrites.
+    """
+    out: dict[str, str] = {}
+    if not attributes:
+        return out
+    for group in (FALLBACK, rules.extra_attributes.items(), STANDARD):
+        for attr, key in group:
+            if attr in attributes:
+                _put(out, key, attributes[attr], rules, stats)
+    if METADATA_PREFIX in "\0".join(attributes):
+        for attr, value in attributes.items():
+            if attr.startswith(METADATA_PREFIX):
+                _put(out, attr[len(METADATA_PREFIX):], value, rules, stats)
+    return out
+
+
+def map_values(values: Mapping[str, object], rules: MappingRules, stats: Stats) -> dict[str, str]:
+    """Metadata given directly by key (static `metadata=`, `metadata_context`), stringified."""
+    out: dict[str, str] = {}
+    for key, value in values.items():
+        if value is not None and isinstance(key, str):
+            _put(out, key, value, rules, stats)
+    return out
+
+
+def check_request_id(request_id: object) -> RequestId:
+    """Return `request_id` if PromptLayer accepts it (int, or non-empty str), else raise."""
+    if request_id is None:
+        raise TypeError("request_id is None; pass the int or str ID PromptLayer returned")
+    if isinstance(request_id, bool) or not isinstance(request_id, (int, str)):
+        raise TypeError(f"request_id must be an int or a non-empty str, not "
+                        f"{type(request_id).__name__}")
+    if isinstance(request_id, str) and not request_id.strip():
+        raise ValueError("request_id must not be an empty string")
+    return request_id
+
+
+def request_id_of(
+    attributes: Mapping[str, Any], names: Iterable[str], stats: Stats
+) -> RequestId | None:
+    """The first valid request ID among `names`; bad values are counted and never posted."""
+    for name in names:
+        if name in attributes:
+            value = attributes[name]
+            try:
+                return check_request_id(value)
+            except (TypeError, ValueError):
+                stats.add("ignored_request_ids")
+                stats.warn_once("request_id", type(value).__name__,
+                                "otel-metadata: ignoring %s of type %s (%s); it must be an int "
+                                "or a non-empty string", name, type(value).__name__,
+                                "empty" if value == "" else "wrong type")
+    return None

@@ -1,0 +1,159 @@
+"""The record queue: bounded, coalescing by request ID, with flush bookkeeping (SPEC §7).
+
+One component with one interface (`put`, `take`, `done`, `wait_settled`), so a durable spool can
+later stand behind the same calls. Every `put` gets a sequence number; `wait_settled(seq)` waits
+until every record put up to it is delivered or has failed, and tells which.
+
+Two POSTs for one request ID are never in flight at once: the API replaces a key on every POST,
+so an older value arriving last would win.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from .mapping import RequestId
+
+
+@dataclass(slots=True)
+class Entry:
+    """Metadata waiting for (or in) one POST: every update of one request ID since the last."""
+
+    request_id: RequestId
+    metadata: dict[str, str]
+    first_seq: int
+    enqueued_at: float
+    updates: int = 1
+
+
+class RecordQueue:
+    """A bounded map request ID → pending metadata; senders `take` entries when they are due.
+
+    An entry is due when it has waited `delay_s`, when `max_batch` entries are pending, when a
+    flush covers it, or once the queue is closing.
+    """
+
+    def __init__(
+        self,
+        max_size: int,
+        max_batch: int,
+        delay_s: float,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self._max_size = max_size
+        self._max_batch = max_batch
+        self._delay = delay_s
+        self._clock = clock
+        self._cond = threading.Condition(threading.Lock())
+        self._pending: dict[RequestId, Entry] = {}
+        self._inflight: dict[RequestId, Entry] = {}
+        self._seq = 0
+        self._flush_to = 0
+        self._failed: list[int] = []  # first_seq of each record that failed and is not yet told
+        self._closed = False
+
+    def put(self, request_id: RequestId, metadata: dict[str, str]) -> bool:
+        """Queue (or merge into the pending entry, later value winning); False when full."""
+        with self._cond:
+            self._seq += 1
+            entry = self._pending.get(request_id)
+            if entry is not None:
+                entry.metadata.update(metadata)
+                entry.updates += 1
+                return True
+            if self._closed or len(self._pending) >= self._max_size:
+                self._failed.append(self._seq)
+                self._cond.notify_all()
+                return False
+            self._pending[request_id] = Entry(request_id, dict(metadata), self._seq, self._clock())
+            if len(self._pending) >= self._max_batch:
+                self._cond.notify_all()
+            elif len(self._pending) == 1:
+                self._cond.notify()
+            return True
+
+    def put_failed(self) -> None:
+        """Account for a record refused before queueing, so the next flush reports it."""
+        with self._cond:
+            self._seq += 1
+            self._failed.append(self._seq)
+
+    def take(self) -> Entry | None:
+        """Block until an entry is due, mark it in flight and return it; None once closed."""
+        with self._cond:
+            while True:
+                wait = self._next_due()
+                if isinstance(wait, Entry):
+                    del self._pending[wait.request_id]
+                    self._inflight[wait.request_id] = wait
+                    return wait
+                if self._closed:
+                    return None
+                self._cond.wait(wait)
+
+    def _next_due(self) -> Entry | float | None:
+        """The entry to send now, or how long to wait (None: until notified)."""
+        now = self._clock()
+        soonest: float | None = None
+        urgent = self._closed or len(self._pending) >= self._max_batch
+        for entry in self._pending.values():
+            if entry.request_id in self._inflight:
+                continue
+            if urgent or entry.first_seq <= self._flush_to:
+                return entry
+            due_in = entry.enqueued_at + self._delay - now
+            if due_in <= 0:
+                return entry
+            soonest = due_in if soonest is None else min(soonest, due_in)
+            break  # pending is in enqueue order: later entries are due later
+        return soonest
+
+    def done(self, entry: Entry, delivered: bool) -> None:
+        """The POST for `entry` finished: delivered, or failed for good."""
+        with self._cond:
+            self._inflight.pop(entry.request_id, None)
+            if not delivered:
+                self._failed.append(entry.first_seq)
+            self._cond.notify_all()
+
+    def mark(self) -> int:
+        """The sequence number of the latest `put`; flushing to it makes those entries due."""
+        with self._cond:
+            self._flush_to = max(self._flush_to, self._seq)
+            self._cond.notify_all()
+            return self._seq
+
+    def wait_settled(self, seq: int, deadline: float) -> bool:
+        """Wait until every record put up to `seq` settled; True if all were delivered in time."""
+        with self._cond:
+            while self._oldest_unsettled() <= seq:
+                remaining = deadline - self._clock()
+                if remaining <= 0:
+                    return False
+                self._cond.wait(remaining)
+            failed = [s for s in self._failed if s <= seq]
+            if failed:
+                self._failed = [s for s in self._failed if s > seq]
+            return not failed
+
+    def _oldest_unsettled(self) -> float:
+        firsts = [e.first_seq for e in self._inflight.values()]
+        if self._pending:
+            firsts.append(next(iter(self._pending.values())).first_seq)
+        return min(firsts, default=float("inf"))
+
+    def close(self) -> list[Entry]:
+        """Stop handing out entries; return what was still pending (the caller counts it)."""
+        with self._cond:
+            self._closed = True
+            left = list(self._pending.values())
+            self._pending.clear()
+            self._failed.extend(e.first_seq for e in left)
+            self._cond.notify_all()
+            return left
+
+    def __len__(self) -> int:
+        return len(self._pending) + len(self._inflight)

@@ -1,0 +1,57 @@
+"""The retry policy, as one small value (SPEC §7): what to retry, and how long to wait."""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from email.utils import parsedate_to_datetime
+
+
+@dataclass(frozen=True)
+class RetryPolicy:
+    """Exponential backoff with jitter, honouring ``Retry-After``.
+
+    The wait before retry ``n`` (0-based) is ``min(max_backoff, initial * multiplier**n)`` scaled
+    by a random factor in ``[1 - jitter, 1]``, so a fleet of clients does not retry in step. A
+    server's ``Retry-After`` replaces it. The caller stops at its deadline (the export timeout).
+    """
+
+    initial_backoff: float = 0.5
+    max_backoff: float = 8.0
+    multiplier: float = 2.0
+    jitter: float = 0.5
+
+    @staticmethod
+    def is_retryable(status: int | None) -> bool:
+        """None (timeout, reset, refused) and 408/429/5xx may succeed later; other codes won't."""
+        return status is None or status in (408, 429) or 500 <= status <= 599
+
+    def backoff(
+        self,
+        retry: int,
+        retry_after: float | None = None,
+        rand: Callable[[], float] = random.random,
+    ) -> float:
+        """Seconds to wait before retry number `retry` (0 for the first retry)."""
+        if retry_after is not None:
+            return retry_after
+        base = min(self.max_backoff, self.initial_backoff * self.multiplier ** retry)
+        return base * (1 - self.jitter * rand())
+
+
+def parse_retry_after(value: str | None, now: datetime | None = None) -> float | None:
+    """``Retry-After`` as seconds from now: delta-seconds or an HTTP date; None if absent/bad."""
+    if not value:
+        return None
+    value = value.strip()
+    if value.isdigit():
+        return float(value)
+    try:
+        when = parsedate_to_datetime(value)
+    except (TypeError, ValueError, IndexError):
+        return None
+    if when.tzinfo is None:
+        when = when.replace(tzinfo=timezone.utc)
+    return max(0.0, (when - (now or datetime.now(timezone.utc))).total_seconds())

@@ -1,0 +1,227 @@
+"""An embedded track-metadata server on 127.0.0.1, as strict as the real API (SPEC §2).
+
+`otel-metadata demo` posts to it, and the tests use it as their PromptLayer: it checks every
+request the way the API does, keeps the metadata per request ID with the API's replace-per-key
+semantics, and can inject the faults a real network has (`Faults`).
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import socket
+import struct
+import threading
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
+
+PATH = "/rest/track-metadata"
+
+
+@dataclass
+class Faults:
+    """What share of requests fail, and how. Drawn from a seeded RNG so runs repeat.
+
+    `status` maps an HTTP status (500, 502, 503, 504, 429) to its share of requests; a 429
+    carries ``Retry-After: retry_after``. `reset` closes the connection without an answer;
+    `slow` applies the update but answers after `slow_s` (beyond a client's timeout). For the
+    first `refuse_for_s` seconds after `Faults` is installed, every connection is reset.
+    """
+
+    status: Mapping[int, float] = field(default_factory=dict)
+    retry_after: str = "1"
+    reset: float = 0.0
+    slow: float = 0.0
+    slow_s: float = 1.0
+    refuse_for_s: float = 0.0
+    seed: int = 0
+    _rng: random.Random = field(init=False, repr=False)
+    _refuse_until: float = field(init=False, repr=False)
+    _lock: threading.Lock = field(init=False, repr=False, default_factory=threading.Lock)
+
+    def __post_init__(self) -> None:
+        self._rng = random.Random(self.seed)
+        self._refuse_until = time.monotonic() + self.refuse_for_s
+
+    def draw(self) -> tuple[str, Any]:
+        """('ok', None) | ('status', code) | ('reset', None) | ('slow', seconds)."""
+        if time.monotonic() < self._refuse_until:
+            return ("reset", None)
+        with self._lock:
+            x = self._rng.random()
+        for code, share in self.status.items():
+            if x < share:
+                return ("status", code)
+            x -= share
+        if x < self.reset:
+            return ("reset", None)
+        x -= self.reset
+        if x < self.slow:
+            return ("slow", self.slow_s)
+        return ("ok", None)
+
+
+@dataclass(frozen=True)
+class Post:
+    """One request the server answered: what it decided and what it was sent."""
+
+    status: int
+    request_id: Any
+    metadata: Any
+    reason: str = ""
+
+
+class TrackMetadataServer:
+    """A local PromptLayer track-metadata endpoint. Use as a context manager or start()/stop()."""
+
+    def __init__(self, api_key: str = "pl-local-demo-key", latency_s: float = 0.0) -> None:
+        self.api_key = api_key
+        self.latency_s = latency_s
+        self.faults: Faults | None = None
+        self.metadata: dict[Any, dict[str, str]] = {}
+        self.posts: list[Post] = []
+        self.connections = 0
+        self._lock = threading.Lock()
+        self._httpd: ThreadingHTTPServer | None = None
+
+    @property
+    def base_url(self) -> str:
+        assert self._httpd is not None, "server not started"
+        host, port = self._httpd.server_address[:2]
+        return f"http://{host!s}:{port}"
+
+    def start(self) -> TrackMetadataServer:
+        server = self
+
+        class Handler(_Handler):
+            owner = server
+
+        self._httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self._httpd.daemon_threads = True
+        threading.Thread(target=self._httpd.serve_forever, name="track-metadata-server",
+                         daemon=True).start()
+        return self
+
+    def stop(self) -> None:
+        if self._httpd is not None:
+            self._httpd.shutdown()
+            self._httpd.server_close()
+            self._httpd = None
+
+    def __enter__(self) -> TrackMetadataServer:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    def accepted(self) -> list[Post]:
+        with self._lock:
+            return [p for p in self.posts if p.status == 200]
+
+    def statuses(self) -> dict[int, int]:
+        with self._lock:
+            counts: dict[int, int] = {}
+            for p in self.posts:
+                counts[p.status] = counts.get(p.status, 0) + 1
+            return counts
+
+    def _record(self, post: Post) -> None:
+        with self._lock:
+            self.posts.append(post)
+            if post.status == 200:
+                # The API replaces the value of each key it is sent; other keys stay.
+                self.metadata.setdefault(post.request_id, {}).update(post.metadata)
+
+
+def validate(headers: Mapping[str, str], raw: bytes, api_key: str) -> tuple[int, str, Any, Any]:
+    """Check a request as the API does: (status, reason, request_id, metadata)."""
+    if headers.get("X-API-KEY") != api_key:
+        return 401, "invalid or missing X-API-KEY", None, None
+    if (headers.get("Content-Type") or "").split(";")[0].strip() != "application/json":
+        return 400, "Content-Type must be application/json", None, None
+    try:
+        body = json.loads(raw)
+    except (UnicodeDecodeError, ValueError):
+        return 400, "body is not JSON", None, None
+    if not isinstance(body, dict):
+        return 400, "body must be a JSON object", None, None
+    if "api_key" in body:
+        return 400, "api_key must not be sent in the body", None, None
+    extra = set(body) - {"request_id", "metadata"}
+    if extra:
+        return 422, f"unexpected fields {sorted(extra)}", None, None
+    rid, md = body.get("request_id"), body.get("metadata")
+    valid_id = (isinstance(rid, int) and not isinstance(rid, bool)) or (
+        isinstance(rid, str) and rid.strip() != "")
+    if not valid_id:
+        return 422, "request_id must be an int or a non-empty string", rid, md
+    if not isinstance(md, dict) or not md:
+        return 422, "metadata must be a non-empty object", rid, md
+    if not all(isinstance(k, str) and isinstance(v, str) for k, v in md.items()):
+        return 422, "metadata keys and values must be strings", rid, md
+    return 200, "", rid, md
+
+
+class _Handler(BaseHTTPRequestHandler):
+    owner: TrackMetadataServer
+    protocol_version = "HTTP/1.1"
+
+    def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - the base's name
+        pass
+
+    def setup(self) -> None:
+        super().setup()
+        with self.owner._lock:
+            self.owner.connections += 1
+
+    def _answer(self, status: int, payload: Mapping[str, Any],
+                headers: Mapping[str, str] | None = None) -> None:
+        data = json.dumps(payload).encode()
+        self.send_response(status)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(data)))
+        for name, value in (headers or {}).items():
+            self.send_header(name, value)
+        self.end_headers()
+        self.wfile.write(data)
+
+    def _reset(self) -> None:
+        self.close_connection = True
+        try:
+            self.connection.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            self.connection.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+
+    def do_POST(self) -> None:  # noqa: N802 - http.server's naming
+        owner = self.owner
+        raw = self.rfile.read(int(self.headers.get("Content-Length") or 0))
+        if self.path != PATH:
+            self._answer(404, {"success": False, "message": "not found"})
+            return
+        kind, arg = owner.faults.draw() if owner.faults else ("ok", None)
+        if kind == "reset":
+            owner._record(Post(0, None, None, "reset"))
+            self._reset()
+            return
+        if kind == "status":
+            owner._record(Post(arg, None, None, "injected"))
+            extra = {"Retry-After": owner.faults.retry_after} if arg == 429 and owner.faults else {}
+            self._answer(arg, {"success": False, "message": "injected fault"}, extra)
+            return
+        status, reason, rid, md = validate(self.headers, raw, owner.api_key)
+        owner._record(Post(status, rid, md, reason))
+        if kind == "slow":
+            time.sleep(arg)
+        elif owner.latency_s:
+            time.sleep(owner.latency_s)
+        if status == 200:
+            self._answer(200, {"success": True, "message": "Metadata tracked"})
+        else:
+            self._answer(status, {"success": False, "message": reason})
+
+    def do_GET(self) -> None:  # noqa: N802
+        self._answer(405 if self.path == PATH else 404, {"success": False})
