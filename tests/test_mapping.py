@@ -1,0 +1,137 @@
+"""The mapping rules (SPEC §3–5) as plain functions: precedence, values, limits."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from otel_metadata.mapping import (
+    MAX_KEY_LENGTH,
+    MappingRules,
+    map_attributes,
+    request_id_of,
+    stringify,
+)
+from otel_metadata.stats import Stats
+
+RULES = MappingRules()
+
+
+def mapped(attrs, rules=RULES):
+    return map_attributes(attrs, rules, Stats())
+
+
+def test_standard_attributes_map_to_promptlayer_keys() -> None:
+    assert mapped({"user.id": "u", "gen_ai.conversation.id": "c", "http.method": "GET"}) == {
+        "user_id": "u", "conversation_id": "c"}
+
+
+def test_fallbacks_apply_only_without_the_standard_attribute() -> None:
+    assert mapped({"enduser.id": "e", "session.id": "s"}) == {
+        "user_id": "e", "conversation_id": "s"}
+    assert mapped({"enduser.id": "e", "user.id": "u", "session.id": "s",
+                   "gen_ai.conversation.id": "c"}) == {"user_id": "u", "conversation_id": "c"}
+
+
+def test_explicit_metadata_beats_standard_attribute() -> None:
+    assert mapped({"user.id": "u", "promptlayer.metadata.user_id": "explicit"}) == {
+        "user_id": "explicit"}
+
+
+def test_nothing_else_leaves_the_process() -> None:
+    attrs = {"gen_ai.prompt": "secret", "http.request.header.authorization": "Bearer x",
+             "promptlayer.request_id": 5}
+    assert mapped(attrs) == {}
+
+
+def test_extra_attributes_are_mapped_explicitly_below_standard_ones() -> None:
+    rules = MappingRules(extra_attributes={"deployment.environment.name": "environment",
+                                           "tenant": "user_id"})
+    assert mapped({"deployment.environment.name": "prod"}, rules) == {"environment": "prod"}
+    assert mapped({"tenant": "t", "user.id": "u"}, rules) == {"user_id": "u"}
+    assert mapped({"tenant": "t", "enduser.id": "e"}, rules) == {"user_id": "t"}
+
+
+@pytest.mark.parametrize(("value", "text"), [
+    ("as is \n\"\u2603", "as is \n\"\u2603"),
+    (True, "true"), (False, "false"),
+    (3, "3"), (-0, "0"), (2.5, "2.5"), (1e20, "1e+20"),
+    (("a", "b"), '["a", "b"]'), ([1, 2], "[1, 2]"), ([True, False], "[true, false]"),
+    ([1.5], "[1.5]"), ([], "[]"),
+])
+def test_values_follow_opentelemetry_non_otlp_rule(value, text) -> None:
+    assert stringify(value) == text
+
+
+def test_long_values_truncate_and_long_keys_drop_counted_once_per_key(caplog) -> None:
+    stats = Stats()
+    rules = MappingRules(max_value_length=10)
+    long_key = "k" * (MAX_KEY_LENGTH + 1)
+    for _ in range(3):
+        out = map_attributes({"promptlayer.metadata.note": "x" * 50,
+                              "promptlayer.metadata." + long_key: "v"}, rules, stats)
+        assert out == {"note": "x" * 10}
+    counts = stats.snapshot()
+    assert counts["truncated_values"] == 3 and counts["dropped_keys"] == 3
+    assert caplog.text.count("truncating metadata 'note'") == 1
+    assert caplog.text.count("longer than 1024") == 1
+
+
+def test_key_of_exactly_max_length_is_kept() -> None:
+    key = "k" * MAX_KEY_LENGTH
+    assert mapped({"promptlayer.metadata." + key: "v"}) == {key: "v"}
+
+
+@pytest.mark.parametrize(("attrs", "expected", "ignored"), [
+    ({"promptlayer.request_id": 7}, 7, 0),
+    ({"promptlayer.request_id": "r-7"}, "r-7", 0),
+    ({"promptlayer.request_id": ""}, None, 1),
+    ({"promptlayer.request_id": 7.0}, None, 1),
+    ({"promptlayer.request_id": True}, None, 1),
+    ({"promptlayer.request_id": (1, 2)}, None, 1),
+    ({}, None, 0),
+])
+def test_request_id_types(attrs, expected, ignored) -> None:
+    stats = Stats()
+    assert request_id_of(attrs, RULES.request_id_attributes, stats) == expected
+    assert stats.snapshot().get("ignored_request_ids", 0) == ignored
+
+
+def test_configured_request_id_attributes_are_tried_in_order() -> None:
+    names = ("llm.request_id", "promptlayer.request_id")
+    assert request_id_of({"promptlayer.request_id": 2, "llm.request_id": 1}, names, Stats()) == 1
+    assert request_id_of({"promptlayer.request_id": 2, "llm.request_id": ""}, names, Stats()) == 2
+
+
+attribute_values = st.one_of(
+    st.text(), st.booleans(), st.integers(), st.floats(),
+    st.lists(st.text(), max_size=4), st.lists(st.integers(), max_size=4),
+    st.lists(st.floats(allow_nan=False), max_size=4), st.lists(st.booleans(), max_size=4),
+)
+attribute_keys = st.one_of(
+    st.text(max_size=20),
+    st.sampled_from(["user.id", "enduser.id", "session.id", "gen_ai.conversation.id"]),
+    st.text(max_size=1100).map(lambda k: "promptlayer.metadata." + k),
+)
+
+
+@given(st.dictionaries(attribute_keys, attribute_values, max_size=12),
+       st.integers(min_value=1, max_value=2000))
+def test_any_attributes_give_bounded_str_to_str_of_mapped_keys_only(attrs, limit) -> None:
+    rules = MappingRules(max_value_length=limit)
+    out = map_attributes(attrs, rules, Stats())
+    allowed = {"user_id", "conversation_id"} | {
+        k[len("promptlayer.metadata."):] for k in attrs if k.startswith("promptlayer.metadata.")}
+    for key, value in out.items():
+        assert isinstance(key, str) and isinstance(value, str)
+        assert 0 < len(key) <= MAX_KEY_LENGTH and len(value) <= limit
+        assert key in allowed
+    assert rules.is_relevant(attrs) or out == {}
+
+
+@given(st.lists(st.one_of(st.integers(), st.text(), st.booleans()), max_size=5))
+def test_arrays_become_json_arrays(values) -> None:
+    assert json.loads(stringify(values) or "null") == values
