@@ -103,6 +103,8 @@ class TraceJoin:
         with self._lock:
             trace = self._traces.get(span.trace_id)
             if trace is None:
+                if span.local_root and span.request_id is None and self._full_of_open():
+                    return  # lingering for late request spans is best effort: never evict for it
                 trace = self._new_trace(span.trace_id)
             trace.parents[span.span_id] = span.parent_id
             if span.metadata:
@@ -151,6 +153,9 @@ class TraceJoin:
         self._waiting[trace_id] = trace
         self._traces[trace_id] = trace
         return trace
+
+    def _full_of_open(self) -> bool:
+        return len(self._traces) >= self._max_traces and not (self._lingering or self._early)
 
     def _evict_oldest(self) -> None:
         phase = self._lingering or self._early or self._waiting

@@ -1,0 +1,299 @@
+"""Lineage (SPEC §6): metadata set once above reaches every request below it, never sideways."""
+
+from __future__ import annotations
+
+import asyncio
+import contextvars
+import threading
+from concurrent.futures import ThreadPoolExecutor
+
+from opentelemetry import baggage, context, trace
+from opentelemetry.baggage.propagation import W3CBaggagePropagator
+from opentelemetry.propagators.composite import CompositePropagator
+from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
+
+from otel_metadata import metadata_context, set_request_id
+
+PROPAGATOR = CompositePropagator([TraceContextTextMapPropagator(), W3CBaggagePropagator()])
+
+
+def test_three_level_nesting_nearer_ancestor_wins(server, make_pipeline) -> None:
+    p = make_pipeline()
+    with p.tracer.start_as_current_span("handler") as root:
+        root.set_attribute("user.id", "u-root")
+        root.set_attribute("promptlayer.metadata.tier", "gold")
+        root.set_attribute("promptlayer.metadata.region", "eu")
+        with p.tracer.start_as_current_span("agent") as mid:
+            mid.set_attribute("promptlayer.metadata.tier", "silver")
+            with p.tracer.start_as_current_span("llm") as llm:
+                llm.set_attribute("promptlayer.metadata.step", "3")
+                set_request_id(1)
+    assert p.flush()
+    assert server.metadata == {1: {"user_id": "u-root", "tier": "silver", "region": "eu",
+                                   "step": "3"}}
+
+
+def test_own_standard_attribute_beats_ancestors_explicit_key(server, make_pipeline) -> None:
+    p = make_pipeline()
+    with p.tracer.start_as_current_span("handler") as root:
+        root.set_attribute("promptlayer.metadata.user_id", "from-parent")
+        with p.tracer.start_as_current_span("llm") as llm:
+            llm.set_attribute("user.id", "own")
+            set_request_id(1)
+    assert p.flush()
+    assert server.metadata == {1: {"user_id": "own"}}
+
+
+def test_two_requests_under_one_parent_never_see_each_other(server, make_pipeline) -> None:
+    p = make_pipeline()
+    with p.tracer.start_as_current_span("handler") as root:
+        root.set_attribute("user.id", "u")
+        for rid, step in ((1, "plan"), (2, "answer")):
+            with p.tracer.start_as_current_span("llm") as llm:
+                llm.set_attribute("promptlayer.metadata.step", step)
+                llm.set_attribute(f"promptlayer.metadata.only_{rid}", "x")
+                set_request_id(rid)
+    assert p.flush()
+    assert server.metadata == {1: {"user_id": "u", "step": "plan", "only_1": "x"},
+                               2: {"user_id": "u", "step": "answer", "only_2": "x"}}
+
+
+def test_siblings_and_cousins_contribute_nothing(server, make_pipeline) -> None:
+    p = make_pipeline()
+    with p.tracer.start_as_current_span("handler") as root:
+        root.set_attribute("user.id", "u")
+        with p.tracer.start_as_current_span("branch-a") as a:
+            a.set_attribute("promptlayer.metadata.branch", "a")
+            with p.tracer.start_as_current_span("tool") as cousin:
+                cousin.set_attribute("promptlayer.metadata.tool", "search")
+        with p.tracer.start_as_current_span("branch-b"):
+            with p.tracer.start_as_current_span("sibling") as sib:
+                sib.set_attribute("gen_ai.conversation.id", "sibling-conv")
+            with p.tracer.start_as_current_span("llm"):
+                set_request_id(1)
+    assert p.flush()
+    assert server.metadata == {1: {"user_id": "u"}}
+
+
+def test_request_span_ending_after_its_parents(server, make_pipeline) -> None:
+    """A streamed LLM span outlives the handler (root) and a plain span between them."""
+    p = make_pipeline()
+    root = p.tracer.start_span("handler")
+    root.set_attribute("user.id", "u-stream")
+    with trace.use_span(root):
+        middle = p.tracer.start_span("stream-setup")
+        with trace.use_span(middle):
+            llm = p.tracer.start_span("llm")
+    middle.end()
+    root.end()
+    llm.set_attribute("promptlayer.metadata.streamed", True)
+    set_request_id(1, llm)
+    llm.end()
+    assert p.flush()
+    assert server.metadata == {1: {"user_id": "u-stream", "streamed": "true"}}
+
+
+def test_long_running_root_posts_after_max_wait_then_a_follow_up(server, make_pipeline) -> None:
+    p = make_pipeline(max_trace_wait_millis=50)
+    root = p.tracer.start_span("session")
+    with trace.use_span(root):
+        with p.tracer.start_as_current_span("llm") as llm:
+            llm.set_attribute("user.id", "own-user")
+            llm.set_attribute("promptlayer.metadata.step", "1")
+            set_request_id(1)
+    # The root is still running: after max_trace_wait the request goes out with what is known.
+    assert server_wait_for(server, lambda: 1 in server.metadata)
+    assert server.metadata == {1: {"user_id": "own-user", "step": "1"}}
+    root.set_attribute("gen_ai.conversation.id", "conv-late")
+    root.set_attribute("promptlayer.metadata.step", "root's weaker step")
+    root.set_attribute("user.id", "weaker-user")
+    root.end()
+    assert p.flush()
+    # Only keys not yet sent travel in the follow-up; the request's own values stay.
+    assert server.metadata == {1: {"user_id": "own-user", "step": "1",
+                                   "conversation_id": "conv-late"}}
+    assert [post.metadata for post in server.accepted()] == [
+        {"user_id": "own-user", "step": "1"}, {"conversation_id": "conv-late"}]
+
+
+def server_wait_for(server, condition, timeout: float = 5.0) -> bool:
+    """Wait on the server's own records (no fixed sleep): True once `condition()` holds."""
+    done = threading.Event()
+    deadline = threading.Timer(timeout, done.set)
+    deadline.start()
+    try:
+        while not done.is_set():
+            if condition():
+                return True
+            done.wait(0.01)
+        return condition()
+    finally:
+        deadline.cancel()
+
+
+def test_force_flush_releases_traces_whose_root_is_still_open(server, make_pipeline) -> None:
+    p = make_pipeline(max_trace_wait_millis=60_000)
+    root = p.tracer.start_span("session")
+    root.set_attribute("user.id", "u")
+    with trace.use_span(root), p.tracer.start_as_current_span("llm") as llm:
+        llm.set_attribute("promptlayer.metadata.step", "1")
+        set_request_id(1)
+    assert p.flush()
+    assert server.metadata == {1: {"step": "1"}}
+    root.end()
+    assert p.flush()
+    assert server.metadata == {1: {"step": "1", "user_id": "u"}}
+
+
+def test_metadata_context_nested_merges_inner_wins(server, make_pipeline) -> None:
+    p = make_pipeline()
+    with metadata_context(user_id="outer", plan="free", region="eu"):
+        with metadata_context(plan="pro"), p.tracer.start_as_current_span("llm"):
+            set_request_id(1)
+        with p.tracer.start_as_current_span("llm"):
+            set_request_id(2)
+    with p.tracer.start_as_current_span("llm") as span:
+        span.set_attribute("user.id", "no-context")
+        set_request_id(3)
+    assert p.flush()
+    assert server.metadata == {1: {"user_id": "outer", "plan": "pro", "region": "eu"},
+                               2: {"user_id": "outer", "plan": "free", "region": "eu"},
+                               3: {"user_id": "no-context"}}
+
+
+def test_span_attributes_beat_context_which_beats_resource_and_static(server,
+                                                                       make_pipeline) -> None:
+    p = make_pipeline(resource={"promptlayer.metadata.environment": "prod",
+                                "promptlayer.metadata.plan": "resource-plan",
+                                "user.id": "resource-user"},
+                      metadata={"environment": "static-env", "team": "search"})
+    with metadata_context(plan="context-plan", user_id="context-user"):
+        with p.tracer.start_as_current_span("handler") as root:
+            root.set_attribute("user.id", "span-user")
+            with p.tracer.start_as_current_span("llm"):
+                set_request_id(1)
+    assert p.flush()
+    assert server.metadata == {1: {"user_id": "span-user", "plan": "context-plan",
+                                   "environment": "prod", "team": "search"}}
+
+
+def test_metadata_context_as_sync_and_async_decorator(server, make_pipeline) -> None:
+    p = make_pipeline()
+
+    @metadata_context(user_id="deco-sync")
+    def handle(rid: int) -> None:
+        with p.tracer.start_as_current_span("llm"):
+            set_request_id(rid)
+
+    @metadata_context(user_id="deco-async")
+    async def handle_async(rid: int) -> None:
+        await asyncio.sleep(0)
+        with p.tracer.start_as_current_span("llm"):
+            set_request_id(rid)
+
+    handle(1)
+    asyncio.run(handle_async(2))
+    assert p.flush()
+    assert server.metadata == {1: {"user_id": "deco-sync"}, 2: {"user_id": "deco-async"}}
+
+
+def test_asyncio_tasks_keep_their_own_lineage(server, make_pipeline) -> None:
+    p = make_pipeline()
+
+    async def conversation(user: str, rid: int) -> None:
+        with p.tracer.start_as_current_span("handler") as root:
+            root.set_attribute("user.id", user)
+            with metadata_context(conversation_id=f"conv-{user}"):
+                await asyncio.sleep(0.001)
+                with p.tracer.start_as_current_span("llm"):
+                    await asyncio.sleep(0.001)
+                    set_request_id(rid)
+
+    async def main() -> None:
+        await asyncio.gather(*(conversation(f"user{i}", i) for i in range(20)))
+
+    asyncio.run(main())
+    assert p.flush()
+    assert server.metadata == {i: {"user_id": f"user{i}", "conversation_id": f"conv-user{i}"}
+                               for i in range(20)}
+
+
+def test_threads_that_carry_context_get_the_parents_metadata(server, make_pipeline) -> None:
+    p = make_pipeline()
+
+    def llm_call(rid: int) -> None:
+        with p.tracer.start_as_current_span("llm"):
+            set_request_id(rid)
+
+    with p.tracer.start_as_current_span("handler") as root:
+        root.set_attribute("user.id", "u-threads")
+        with metadata_context(plan="pro"), ThreadPoolExecutor(4) as pool:
+            futures = [pool.submit(contextvars.copy_context().run, llm_call, rid)
+                       for rid in range(1, 9)]
+            for future in futures:
+                future.result()
+    assert p.flush()
+    assert server.metadata == {rid: {"user_id": "u-threads", "plan": "pro"}
+                               for rid in range(1, 9)}
+
+
+def test_incoming_baggage_is_honoured_below_metadata_context(server, make_pipeline) -> None:
+    p = make_pipeline()
+    headers = {
+        "traceparent": "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01",
+        "baggage": "user.id=from-upstream,promptlayer.metadata.plan=basic,"
+                   "gen_ai.conversation.id=conv-up,unrelated=x",
+    }
+    token = context.attach(PROPAGATOR.extract(headers))
+    try:
+        with metadata_context(plan="override"):
+            with p.tracer.start_as_current_span("server") as span:
+                assert span.get_span_context().trace_id == 0x0af7651916cd43dd8448eb211c80319c
+                with p.tracer.start_as_current_span("llm"):
+                    set_request_id(1)
+    finally:
+        context.detach(token)
+    assert p.flush()
+    assert server.metadata == {1: {"user_id": "from-upstream", "conversation_id": "conv-up",
+                                   "plan": "override"}}
+
+
+def test_propagate_writes_baggage_that_a_downstream_service_maps_back(server,
+                                                                       make_pipeline) -> None:
+    carrier: dict[str, str] = {}
+    with metadata_context(user_id="u", conversation_id="c", propagate=True, plan="pro"):
+        assert baggage.get_all() == {"user.id": "u", "gen_ai.conversation.id": "c",
+                                     "promptlayer.metadata.plan": "pro"}
+        PROPAGATOR.inject(carrier)
+    with metadata_context(user_id="not-propagated"):
+        assert baggage.get_all() == {}
+    # The downstream service: extracts the headers and runs its own processor.
+    p = make_pipeline()
+    token = context.attach(PROPAGATOR.extract(carrier))
+    try:
+        with p.tracer.start_as_current_span("llm"):
+            set_request_id(1)
+    finally:
+        context.detach(token)
+    assert p.flush()
+    assert server.metadata == {1: {"user_id": "u", "conversation_id": "c", "plan": "pro"}}
+
+
+def test_memory_cap_posts_the_oldest_trace_early(server, make_pipeline) -> None:
+    p = make_pipeline(max_traces=3, max_trace_wait_millis=60_000)
+    roots = []
+    for rid in range(1, 6):
+        root = p.tracer.start_span("session")
+        root.set_attribute("user.id", f"u{rid}")
+        with trace.use_span(root), p.tracer.start_as_current_span("llm") as llm:
+            llm.set_attribute("promptlayer.metadata.step", "s")
+            set_request_id(rid)
+        roots.append(root)
+    # Traces 1 and 2 were evicted to keep 3 held, and posted early with what was known.
+    assert p.processor.stats()["held_traces"] == 3
+    assert p.processor.stats()["traces_evicted"] == 2
+    for root in roots:
+        root.end()
+    assert p.flush()
+    assert server.metadata == {1: {"step": "s"}, 2: {"step": "s"}} | {
+        rid: {"user_id": f"u{rid}", "step": "s"} for rid in (3, 4, 5)}
