@@ -96,11 +96,10 @@ def test_request_span_ending_after_its_parents(server, make_pipeline) -> None:
 def test_long_running_root_posts_after_max_wait_then_a_follow_up(server, make_pipeline) -> None:
     p = make_pipeline(max_trace_wait_millis=50)
     root = p.tracer.start_span("session")
-    with trace.use_span(root):
-        with p.tracer.start_as_current_span("llm") as llm:
-            llm.set_attribute("user.id", "own-user")
-            llm.set_attribute("promptlayer.metadata.step", "1")
-            set_request_id(1)
+    with trace.use_span(root), p.tracer.start_as_current_span("llm") as llm:
+        llm.set_attribute("user.id", "own-user")
+        llm.set_attribute("promptlayer.metadata.step", "1")
+        set_request_id(1)
     # The root is still running: after max_trace_wait the request goes out with what is known.
     assert server_wait_for(server, lambda: 1 in server.metadata)
     assert server.metadata == {1: {"user_id": "own-user", "step": "1"}}

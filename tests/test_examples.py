@@ -1,0 +1,30 @@
+"""The examples run as a user runs them, against the embedded local server."""
+
+from __future__ import annotations
+
+import ast
+import subprocess
+import sys
+from pathlib import Path
+
+EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
+
+
+def run_example(name: str) -> str:
+    done = subprocess.run([sys.executable, str(EXAMPLES / name)], capture_output=True,
+                          text=True, timeout=60, check=True)
+    return done.stdout
+
+
+def test_add_to_existing_provider() -> None:
+    out = run_example("add_to_existing_provider.py")
+    assert out.strip() == ("metadata received for request 123456: "
+                           "{'user_id': 'user-42', 'feature': 'summarize'}")
+
+
+def test_web_handler_sets_the_user_once_for_every_llm_call() -> None:
+    rows = [line.split(" ", 1) for line in run_example("web_handler.py").splitlines()]
+    received = {int(rid): ast.literal_eval(md) for rid, md in rows}
+    ana = {"user_id": "ana", "conversation_id": "c1", "tenant": "acme"}
+    ben = {"user_id": "ben", "conversation_id": "c2", "tenant": "globex"}
+    assert received == {5000: ana, 5001: ana, 5002: ben, 5003: ben, 5004: ana, 5005: ana}
