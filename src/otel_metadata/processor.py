@@ -201,7 +201,9 @@ class MetadataSpanProcessor(SpanProcessor):
 
     def stats(self) -> dict[str, int]:
         """Counts of what happened: queued, delivered, retried, dropped.<reason>, ..."""
-        counts = self._stats.snapshot()
+        counts = dict.fromkeys(("queued", "posts", "delivered", "retried", "truncated_values",
+                                "dropped_keys", "ignored_request_ids"), 0)
+        counts.update(self._stats.snapshot())
         if self._delivery is not None:
             counts["held_traces"] = len(self._join)
         return counts
