@@ -7,6 +7,7 @@ warning that names the variable (or argument) and falls back to the default.
 from __future__ import annotations
 
 import logging
+import math
 import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -36,6 +37,7 @@ DEFAULT_MAX_QUEUE_SIZE = 2048
 DEFAULT_MAX_BATCH = 512
 DEFAULT_EXPORT_TIMEOUT_MS = 30000
 DEFAULT_MAX_CONCURRENCY = 8
+MAX_CONCURRENCY = 64  # one sender thread each
 DEFAULT_MAX_TRACE_WAIT_MS = 5000
 DEFAULT_MAX_TRACES = 10_000
 DEFAULT_MAX_VALUE_LENGTH = 1024
@@ -75,30 +77,52 @@ def _warn(name: str, raw: object, default: object, why: str) -> None:
 
 
 def _number(
-    arg: float | None, env: str, default: float, *, integer: bool, minimum: float
+    arg: object, arg_name: str, env: str | None, default: float, *, integer: bool,
+    minimum: float, maximum: float = math.inf,
 ) -> float:
-    """Argument, then env var, then default; a value that is not a number >= minimum warns."""
+    """Argument, then env var, then default; anything but a finite number in range warns."""
     raw: object
     if arg is not None:
-        name, raw = f"argument for {env}", arg
+        name, raw = arg_name, arg
     else:
-        raw = os.environ.get(env, "").strip()
+        raw = os.environ.get(env, "").strip() if env else ""
         if not raw:
             return default
-        name = env
+        name = cast(str, env)
     try:
         if isinstance(raw, bool):
             raise ValueError
         value = int(raw) if integer and isinstance(raw, str) else float(cast(Any, raw))
-        if integer and value != int(value):
+        if not math.isfinite(value) or (integer and value != int(value)):
             raise ValueError
-    except (TypeError, ValueError):
-        _warn(name, raw, default, "not an integer" if integer else "not a number")
+    except (TypeError, ValueError, OverflowError):
+        _warn(name, raw, default, "not an integer" if integer else "not a finite number")
         return default
-    if value < minimum:
-        _warn(name, raw, default, f"must be >= {minimum:g}")
+    if not minimum <= value <= maximum:
+        _warn(name, raw, default, f"must be >= {minimum:g}" if value < minimum
+              else f"must be <= {maximum:g}")
         return default
-    return int(value) if integer else value
+    return int(value) if integer else float(value)
+
+
+def _api_key(arg: object) -> tuple[str | None, str | None]:
+    """The key and where it came from (for messages: never the key itself)."""
+    # An unset and an empty environment variable mean the same: no key from there.
+    candidates = ((arg, "the api_key argument"),
+                  (os.environ.get(ENV_API_KEY, "").strip() or None, ENV_API_KEY))
+    for raw, source in candidates:
+        if raw is None:
+            continue
+        key = raw.strip() if isinstance(raw, str) else ""
+        if not key:
+            _logger.warning("otel-metadata: %s is empty or not a string; ignoring it", source)
+        elif not all("!" <= ch <= "~" for ch in key):
+            # Not the value, not even a part: a header could not carry it, and a log must not.
+            _logger.warning("otel-metadata: %s holds spaces, control or non-ASCII characters, "
+                            "which an HTTP header cannot carry; ignoring it", source)
+        else:
+            return key, source
+    return None, None
 
 
 def _flag(env: str) -> bool:
@@ -116,8 +140,14 @@ def _base_url(arg: str | None) -> str:
     raw = arg if arg is not None else os.environ.get(ENV_BASE_URL, "").strip()
     if not raw:
         return DEFAULT_BASE_URL
-    parts = urlsplit(raw) if isinstance(raw, str) else None
-    if parts is None or parts.scheme not in ("http", "https") or not parts.hostname:
+    try:
+        parts = urlsplit(raw)
+        # `.port` raises ValueError for a port that is not a number within 0-65535.
+        valid = (parts.scheme in ("http", "https") and bool(parts.hostname)
+                 and (parts.port or 0) >= 0)
+    except (TypeError, ValueError, AttributeError):
+        valid = False
+    if not valid or any(ch.isspace() or not ch.isprintable() for ch in raw):
         _warn(name, raw, DEFAULT_BASE_URL, "expected an http(s) URL")
         return DEFAULT_BASE_URL
     return raw.rstrip("/")
@@ -130,12 +160,11 @@ def is_plain_http_to_remote(base_url: str) -> bool:
     return parts.scheme == "http" and host not in _LOOPBACK_HOSTS and not host.startswith("127.")
 
 
-def _str_tuple(arg: Sequence[str] | None, name: str, default: tuple[str, ...]) -> tuple[str, ...]:
+def _str_tuple(arg: object, name: str, default: tuple[str, ...]) -> tuple[str, ...]:
     if arg is None:
         return default
-    if isinstance(arg, str):
-        arg = [arg]
-    good = tuple(k for k in arg if isinstance(k, str) and k)
+    items = [arg] if isinstance(arg, str) else arg if isinstance(arg, (list, tuple)) else []
+    good = tuple(k for k in items if isinstance(k, str) and k)
     if not good:
         _warn(name, arg, default, "expected a non-empty list of attribute names")
         return default
@@ -172,21 +201,12 @@ def resolve(
     request_timeout_s: float | None = None,
 ) -> Settings:
     """Resolve every setting once, warning about (and replacing) each bad value."""
-    if api_key is not None and (not isinstance(api_key, str) or not api_key.strip()):
-        _logger.warning("otel-metadata: the api_key argument is empty or not a string; ignoring it")
-        api_key = None
-    key: str | None
-    source: str | None
-    if api_key is not None:
-        key, source = api_key.strip(), "the api_key argument"
-    else:
-        env_key = os.environ.get(ENV_API_KEY, "").strip()
-        key, source = (env_key, ENV_API_KEY) if env_key else (None, None)
+    key, source = _api_key(api_key)
 
-    queue = int(_number(max_queue_size, ENV_MAX_QUEUE_SIZE, DEFAULT_MAX_QUEUE_SIZE,
-                        integer=True, minimum=1))
-    batch = int(_number(max_export_batch_size, ENV_MAX_BATCH, DEFAULT_MAX_BATCH,
-                        integer=True, minimum=1))
+    queue = int(_number(max_queue_size, "max_queue_size", ENV_MAX_QUEUE_SIZE,
+                        DEFAULT_MAX_QUEUE_SIZE, integer=True, minimum=1))
+    batch = int(_number(max_export_batch_size, "max_export_batch_size", ENV_MAX_BATCH,
+                        DEFAULT_MAX_BATCH, integer=True, minimum=1))
     if batch > queue:
         _warn(ENV_MAX_BATCH, batch, min(DEFAULT_MAX_BATCH, queue),
               f"must not exceed the max queue size {queue}")
@@ -200,22 +220,26 @@ def resolve(
         api_key=key,
         api_key_source=source,
         base_url=_base_url(base_url),
-        schedule_delay_s=_number(schedule_delay_millis, ENV_SCHEDULE_DELAY,
-                                 DEFAULT_SCHEDULE_DELAY_MS, integer=False, minimum=0) / 1000,
+        schedule_delay_s=_number(schedule_delay_millis, "schedule_delay_millis",
+                                 ENV_SCHEDULE_DELAY, DEFAULT_SCHEDULE_DELAY_MS, integer=False,
+                                 minimum=0) / 1000,
         max_queue_size=queue,
         max_export_batch_size=batch,
-        export_timeout_s=_number(export_timeout_millis, ENV_EXPORT_TIMEOUT,
-                                 DEFAULT_EXPORT_TIMEOUT_MS, integer=False, minimum=1) / 1000,
-        max_concurrency=int(_number(max_concurrency, ENV_MAX_CONCURRENCY, DEFAULT_MAX_CONCURRENCY,
-                                    integer=True, minimum=1)),
-        max_trace_wait_s=_number(max_trace_wait_millis, ENV_MAX_TRACE_WAIT,
-                                 DEFAULT_MAX_TRACE_WAIT_MS, integer=False, minimum=0) / 1000,
-        max_traces=int(_number(max_traces, ENV_MAX_TRACES, DEFAULT_MAX_TRACES,
+        export_timeout_s=_number(export_timeout_millis, "export_timeout_millis",
+                                 ENV_EXPORT_TIMEOUT, DEFAULT_EXPORT_TIMEOUT_MS, integer=False,
+                                 minimum=1) / 1000,
+        max_concurrency=int(_number(max_concurrency, "max_concurrency", ENV_MAX_CONCURRENCY,
+                                    DEFAULT_MAX_CONCURRENCY, integer=True, minimum=1,
+                                    maximum=MAX_CONCURRENCY)),
+        max_trace_wait_s=_number(max_trace_wait_millis, "max_trace_wait_millis",
+                                 ENV_MAX_TRACE_WAIT, DEFAULT_MAX_TRACE_WAIT_MS, integer=False,
+                                 minimum=0) / 1000,
+        max_traces=int(_number(max_traces, "max_traces", ENV_MAX_TRACES, DEFAULT_MAX_TRACES,
                                integer=True, minimum=1)),
-        max_value_length=int(_number(max_value_length, ENV_MAX_VALUE_LENGTH,
+        max_value_length=int(_number(max_value_length, "max_value_length", ENV_MAX_VALUE_LENGTH,
                                      DEFAULT_MAX_VALUE_LENGTH, integer=True, minimum=1)),
-        request_timeout_s=float(request_timeout_s) if request_timeout_s and request_timeout_s > 0
-        else DEFAULT_REQUEST_TIMEOUT_S,
+        request_timeout_s=_number(request_timeout_s, "request_timeout_s", None,
+                                  DEFAULT_REQUEST_TIMEOUT_S, integer=False, minimum=0.001),
         disabled=_flag(ENV_DISABLED),
         request_id_attributes=_str_tuple(request_id_attributes, "request_id_attributes",
                                          DEFAULT_REQUEST_ID_ATTRIBUTES),

@@ -15,6 +15,7 @@ import logging
 import os
 import threading
 import time
+import traceback
 import weakref
 from collections.abc import Callable
 
@@ -84,30 +85,33 @@ class Delivery:
     # -- the app's side: never blocks on the network --
 
     def submit(self, request_id: RequestId, metadata: dict[str, str]) -> None:
+        """Queue a record; when it cannot be queued, count why (and warn once for overflow)."""
         if self._key_rejected:
             self._stats.add("dropped.unauthorized")
             self._queue.put_failed()
-            return
-        if self._queue.put(request_id, metadata):
+        elif self._queue.put(request_id, metadata):
             self._stats.add("queued")
+        elif self._shutdown:
+            self._stats.add("dropped.shutdown")
         else:
-            self._stats.add("dropped.queue_full" if not self._shutdown else "dropped.shutdown")
+            self._stats.add("dropped.queue_full")
             self._stats.warn_once("drop", "queue_full", "otel-metadata: queue full (%d request "
-                                  "IDs); dropping new metadata. Raise OTEL_BSP_MAX_QUEUE_SIZE?",
+                                  "IDs); dropping new metadata, and counting further drops "
+                                  "without logging. Raise OTEL_BSP_MAX_QUEUE_SIZE?",
                                   self._settings.max_queue_size)
 
     def force_flush(self, timeout_s: float) -> bool:
         """True when everything submitted before the call was delivered within `timeout_s`."""
-        deadline = self._clock() + timeout_s
-        return self._queue.wait_settled(self._queue.mark(), deadline)
+        return self._queue.flush(self._clock() + timeout_s)
 
     def shutdown(self, timeout_s: float) -> None:
+        """Flush for at most `timeout_s`, then stop: what is left is dropped and counted."""
         if self._shutdown:
             return
         self.force_flush(timeout_s)
         self._shutdown = True
         left = self._queue.close()
-        self._wake.set()
+        self._wake.set()  # senders in a backoff sleep give up now
         if left:
             self._stats.add("dropped.shutdown", len(left))
         self._transport.close()
@@ -122,22 +126,25 @@ class Delivery:
                 return
             try:
                 delivered = self._deliver(entry)
-            except Exception:  # a bug here must not kill the sender and stall delivery
-                _logger.exception("otel-metadata: unexpected error delivering a record")
+            except Exception as exc:  # a bug here must not kill the sender and stall delivery
+                # Formatted and scrubbed by hand: a traceback's messages could quote a header.
+                _logger.error("otel-metadata: unexpected error delivering a record:\n%s",
+                              self._transport.redact("".join(traceback.format_exception(exc))))
                 delivered = False
                 self._stats.add("dropped.error")
             queue.done(entry, delivered)
 
     def _deliver(self, entry: Entry) -> bool:
+        """POST `entry` until a 2xx, a refusal, shutdown, or the export timeout runs out."""
         deadline = self._clock() + self._settings.export_timeout_s
-        retries = 0
+        tries = 0
         while True:
             if self._key_rejected:
                 self._stats.add("dropped.unauthorized")
                 return False
-            remaining = deadline - self._clock()
-            timeout = min(self._settings.request_timeout_s, remaining)
+            timeout = min(self._settings.request_timeout_s, deadline - self._clock())
             outcome = self._transport.post(entry.request_id, entry.metadata, timeout)
+            tries += 1
             self._stats.add("posts")
             if outcome.ok:
                 self._stats.add("delivered")
@@ -145,27 +152,35 @@ class Delivery:
             if not self._retry.is_retryable(outcome.status):
                 self._reject(outcome)
                 return False
-            wait = self._retry.backoff(retries, outcome.retry_after)
-            if self._shutdown or self._clock() + wait >= deadline:
-                self._stats.add("dropped.retries_exhausted")
-                self._stats.warn_once("drop", "exhausted", "otel-metadata: giving up on request "
-                                      "%s after %d tries (last: %s); more such drops are only "
-                                      "counted", entry.request_id, retries + 1, _describe(outcome))
-                return False
-            retries += 1
-            self._stats.add("retried")
-            self._wake.wait(wait)
+            wait = self._retry.backoff(tries - 1, outcome.retry_after)
+            _logger.debug("otel-metadata: POST for request %r failed (%s); next try in %.3f s",
+                          entry.request_id, _describe(outcome), wait)
+            # Sleep only when a retry could still start before the deadline; shutdown wakes us.
+            if not self._shutdown and self._clock() + wait < deadline:
+                self._wake.wait(wait)
+                if not self._shutdown and self._clock() < deadline:
+                    self._stats.add("retried")
+                    continue
+            self._stats.add("dropped.retries_exhausted")
+            self._stats.warn_once("drop", "exhausted", "otel-metadata: giving up on request %r "
+                                  "after %d tries (last: %s); further such drops are only "
+                                  "counted", entry.request_id, tries, _describe(outcome))
+            return False
 
     def _reject(self, outcome: Outcome) -> None:
+        """A permanent refusal: count it, and log one line per kind (never the key)."""
         status = outcome.status
         self._stats.add(f"rejected.{status}")
+        self._stats.add("dropped.rejected")
         if status == 401:
             self._key_rejected = True
-            _logger.warning("otel-metadata: PromptLayer rejected the API key from %s (HTTP 401); "
-                            "no more metadata will be sent by this process. Check the key.",
-                            self._settings.api_key_source)
+            self._stats.warn_once("reject", "401", "otel-metadata: PromptLayer rejected the API "
+                                  "key from %s (HTTP 401); this process sends no more metadata "
+                                  "and drops it instead. Check the key.",
+                                  self._settings.api_key_source)
             return
-        self._stats.warn_once("reject", str(status), "otel-metadata: %s (%s): %s; not retried",
+        self._stats.warn_once("reject", str(status), "otel-metadata: %s (%s): %s; not retried, "
+                              "further such refusals are only counted",
                               _PERMANENT_HINTS.get(status or 0, "request refused"),
                               _describe(outcome), outcome.detail[:200])
 

@@ -1,8 +1,10 @@
 """The record queue: bounded, coalescing by request ID, with flush bookkeeping (SPEC §7).
 
-One component with one interface (`put`, `take`, `done`, `wait_settled`), so a durable spool can
-later stand behind the same calls. Every `put` gets a sequence number; `wait_settled(seq)` waits
-until every record put up to it is delivered or has failed, and tells which.
+One component with one interface (`put`, `take`, `done`, `flush`), so a durable spool can later
+stand behind the same calls. Every `put` gets a sequence number; `flush` makes every record put so
+far due, waits until each is delivered or has failed, and tells which. A failure is told to
+every flush that covers it and was waiting when it was first told; later flushes do not see it
+again, so one old drop does not make every future flush return False.
 
 Two POSTs for one request ID are never in flight at once: the API replaces a key on every POST,
 so an older value arriving last would win.
@@ -29,6 +31,14 @@ class Entry:
     updates: int = 1
 
 
+@dataclass(slots=True)
+class _Flush:
+    """One waiting `wait_settled` call: the sequence number it covers, and whether any failed."""
+
+    upto: int
+    failed: bool = False
+
+
 class RecordQueue:
     """A bounded map request ID → pending metadata; senders `take` entries when they are due.
 
@@ -52,7 +62,11 @@ class RecordQueue:
         self._inflight: dict[RequestId, Entry] = {}
         self._seq = 0
         self._flush_to = 0
-        self._failed: list[int] = []  # first_seq of each record that failed and is not yet told
+        # Sequence numbers of records that failed and no flush was told of yet. With no flush
+        # waiting, only the smallest matters (every later flush covers them all), so this stays
+        # small even when every record fails for hours (a rejected key) and nobody flushes.
+        self._failed: list[int] = []
+        self._flushes: list[_Flush] = []
         self._closed = False
 
     def put(self, request_id: RequestId, metadata: dict[str, str]) -> bool:
@@ -65,7 +79,7 @@ class RecordQueue:
                 entry.updates += 1
                 return True
             if self._closed or len(self._pending) >= self._max_size:
-                self._failed.append(self._seq)
+                self._fail(self._seq)
                 self._cond.notify_all()
                 return False
             self._pending[request_id] = Entry(request_id, dict(metadata), self._seq, self._clock())
@@ -79,7 +93,7 @@ class RecordQueue:
         """Account for a record refused before queueing, so the next flush reports it."""
         with self._cond:
             self._seq += 1
-            self._failed.append(self._seq)
+            self._fail(self._seq)
 
     def take(self) -> Entry | None:
         """Block until an entry is due, mark it in flight and return it; None once closed."""
@@ -116,28 +130,47 @@ class RecordQueue:
         with self._cond:
             self._inflight.pop(entry.request_id, None)
             if not delivered:
-                self._failed.append(entry.first_seq)
+                self._fail(entry.first_seq)
             self._cond.notify_all()
 
-    def mark(self) -> int:
-        """The sequence number of the latest `put`; flushing to it makes those entries due."""
-        with self._cond:
-            self._flush_to = max(self._flush_to, self._seq)
-            self._cond.notify_all()
-            return self._seq
+    def flush(self, deadline: float) -> bool:
+        """Send every record put so far now, and wait until each settled (or `deadline`).
 
-    def wait_settled(self, seq: int, deadline: float) -> bool:
-        """Wait until every record put up to `seq` settled; True if all were delivered in time."""
+        True when all of them were delivered; False on a failure or when the deadline came first.
+        """
         with self._cond:
-            while self._oldest_unsettled() <= seq:
-                remaining = deadline - self._clock()
-                if remaining <= 0:
-                    return False
-                self._cond.wait(remaining)
-            failed = [s for s in self._failed if s <= seq]
-            if failed:
-                self._failed = [s for s in self._failed if s > seq]
-            return not failed
+            seq = self._flush_to = self._seq
+            self._cond.notify_all()
+            me = _Flush(seq)
+            self._flushes.append(me)
+            try:
+                while self._oldest_unsettled() <= seq:
+                    remaining = deadline - self._clock()
+                    if remaining <= 0:
+                        return False
+                    self._cond.wait(remaining)
+                self._tell(seq)
+                return not me.failed
+            finally:
+                self._flushes.remove(me)
+                if not self._flushes:
+                    self._fail()
+
+    def _fail(self, *seqs: int) -> None:
+        """Note failed records (inside the lock), keeping only what a flush can still ask."""
+        self._failed.extend(seqs)
+        if not self._flushes and len(self._failed) > 1:
+            self._failed = [min(self._failed)]
+
+    def _tell(self, seq: int) -> None:
+        """Tell the failures up to `seq` to every waiting flush that covers them; forget them."""
+        told = [s for s in self._failed if s <= seq]
+        if told:
+            self._failed = [s for s in self._failed if s > seq]
+            first = min(told)
+            for flush in self._flushes:
+                if flush.upto >= first:
+                    flush.failed = True
 
     def _oldest_unsettled(self) -> float:
         firsts = [e.first_seq for e in self._inflight.values()]
@@ -151,7 +184,7 @@ class RecordQueue:
             self._closed = True
             left = list(self._pending.values())
             self._pending.clear()
-            self._failed.extend(e.first_seq for e in left)
+            self._fail(*(e.first_seq for e in left))
             self._cond.notify_all()
             return left
 

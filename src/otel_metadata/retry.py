@@ -15,7 +15,9 @@ class RetryPolicy:
 
     The wait before retry ``n`` (0-based) is ``min(max_backoff, initial * multiplier**n)`` scaled
     by a random factor in ``[1 - jitter, 1]``, so a fleet of clients does not retry in step. A
-    server's ``Retry-After`` replaces it. The caller stops at its deadline (the export timeout).
+    server's ``Retry-After`` is a floor: we never retry sooner than it asks, and never hammer a
+    server that says ``Retry-After: 0``. The caller stops at its deadline (the export timeout):
+    a ``Retry-After`` beyond it means giving up now rather than sleeping in vain.
     """
 
     initial_backoff: float = 0.5
@@ -35,10 +37,12 @@ class RetryPolicy:
         rand: Callable[[], float] = random.random,
     ) -> float:
         """Seconds to wait before retry number `retry` (0 for the first retry)."""
-        if retry_after is not None:
-            return retry_after
-        base = min(self.max_backoff, self.initial_backoff * self.multiplier ** retry)
-        return base * (1 - self.jitter * rand())
+        try:
+            base = min(self.max_backoff, self.initial_backoff * self.multiplier ** retry)
+        except OverflowError:  # thousands of retries in a long export timeout
+            base = self.max_backoff
+        ours = base * (1 - self.jitter * rand())
+        return ours if retry_after is None else max(retry_after, ours)
 
 
 def parse_retry_after(value: str | None, now: datetime | None = None) -> float | None:

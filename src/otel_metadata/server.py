@@ -11,10 +11,12 @@ import json
 import random
 import socket
 import struct
+import sys
 import threading
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from email.message import Message
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
@@ -26,9 +28,11 @@ class Faults:
     """What share of requests fail, and how. Drawn from a seeded RNG so runs repeat.
 
     `status` maps an HTTP status (500, 502, 503, 504, 429) to its share of requests; a 429
-    carries ``Retry-After: retry_after``. `reset` closes the connection without an answer;
-    `slow` applies the update but answers after `slow_s` (beyond a client's timeout). For the
-    first `refuse_for_s` seconds after `Faults` is installed, every connection is reset.
+    carries ``Retry-After: retry_after``. `reset` resets the connection (TCP RST) instead of
+    answering, without applying the update. `slow` applies the update but answers only after
+    `slow_s` (meant to be beyond the client's timeout, so the client cannot know it landed).
+    `refuse_for_s`: a window that opens with the first connection after `Faults` is installed,
+    during which every connection is reset before its request is read (a server still starting).
     """
 
     status: Mapping[int, float] = field(default_factory=dict)
@@ -39,17 +43,22 @@ class Faults:
     refuse_for_s: float = 0.0
     seed: int = 0
     _rng: random.Random = field(init=False, repr=False)
-    _refuse_until: float = field(init=False, repr=False)
+    _refuse_until: float | None = field(init=False, repr=False, default=None)
     _lock: threading.Lock = field(init=False, repr=False, default_factory=threading.Lock)
 
     def __post_init__(self) -> None:
         self._rng = random.Random(self.seed)
-        self._refuse_until = time.monotonic() + self.refuse_for_s
+
+    def refusing(self) -> bool:
+        """Whether the refusal window, opened by the first call, is still open."""
+        now = time.monotonic()
+        with self._lock:
+            if self._refuse_until is None:
+                self._refuse_until = now + self.refuse_for_s
+            return now < self._refuse_until
 
     def draw(self) -> tuple[str, Any]:
         """('ok', None) | ('status', code) | ('reset', None) | ('slow', seconds)."""
-        if time.monotonic() < self._refuse_until:
-            return ("reset", None)
         with self._lock:
             x = self._rng.random()
         for code, share in self.status.items():
@@ -85,6 +94,7 @@ class TrackMetadataServer:
         self.posts: list[Post] = []
         self.connections = 0
         self._lock = threading.Lock()
+        self._stopping = threading.Event()  # cuts `slow` answers short at stop()
         self._httpd: ThreadingHTTPServer | None = None
 
     @property
@@ -99,7 +109,8 @@ class TrackMetadataServer:
         class Handler(_Handler):
             owner = server
 
-        self._httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self._stopping.clear()
+        self._httpd = _Server(("127.0.0.1", 0), Handler)
         self._httpd.daemon_threads = True
         threading.Thread(target=self._httpd.serve_forever, args=(0.05,),
                          name="track-metadata-server", daemon=True).start()
@@ -107,6 +118,7 @@ class TrackMetadataServer:
 
     def stop(self) -> None:
         if self._httpd is not None:
+            self._stopping.set()
             self._httpd.shutdown()
             self._httpd.server_close()
             self._httpd = None
@@ -136,7 +148,9 @@ class TrackMetadataServer:
                 self.metadata.setdefault(post.request_id, {}).update(post.metadata)
 
 
-def validate(headers: Mapping[str, str], raw: bytes, api_key: str) -> tuple[int, str, Any, Any]:
+def validate(
+    headers: Mapping[str, str] | Message, raw: bytes, api_key: str
+) -> tuple[int, str, Any, Any]:
     """Check a request as the API does: (status, reason, request_id, metadata)."""
     if headers.get("X-API-KEY") != api_key:
         return 401, "invalid or missing X-API-KEY", None, None
@@ -165,6 +179,13 @@ def validate(headers: Mapping[str, str], raw: bytes, api_key: str) -> tuple[int,
     return 200, "", rid, md
 
 
+class _Server(ThreadingHTTPServer):
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        """A client that hung up (its timeout, a reset we injected) is normal here: stay quiet."""
+        if not isinstance(sys.exc_info()[1], ConnectionError):
+            super().handle_error(request, client_address)
+
+
 class _Handler(BaseHTTPRequestHandler):
     owner: TrackMetadataServer
     protocol_version = "HTTP/1.1"
@@ -191,34 +212,49 @@ class _Handler(BaseHTTPRequestHandler):
         self.end_headers()
         self.wfile.write(data)
 
-    def _reset(self) -> None:
+    def _reset(self, reason: str) -> None:
+        """Record `reason` and reset the connection: a zero linger makes the close send RST."""
+        self.owner._record(Post(0, None, None, reason))
         self.close_connection = True
-        try:
-            self.connection.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
-            self.connection.shutdown(socket.SHUT_RDWR)
-        except OSError:
-            pass
+        self.connection.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        self.connection.close()  # the fd closes once the handler's reader and writer do
+
+    def handle(self) -> None:
+        faults = self.owner.faults
+        if faults is not None and faults.refusing():
+            self._reset("refused")
+            return
+        super().handle()
 
     def do_POST(self) -> None:  # noqa: N802 - http.server's naming
         owner = self.owner
-        raw = self.rfile.read(int(self.headers.get("Content-Length") or 0))
+        faults = owner.faults
+        if faults is not None and faults.refusing():  # a keep-alive connection from before
+            self._reset("refused")
+            return
+        try:
+            raw = self.rfile.read(int(self.headers.get("Content-Length") or 0))
+        except ValueError:
+            self._answer(400, {"success": False, "message": "bad Content-Length"})
+            return
         if self.path != PATH:
             self._answer(404, {"success": False, "message": "not found"})
             return
-        kind, arg = owner.faults.draw() if owner.faults else ("ok", None)
+        kind: str
+        arg: Any
+        kind, arg = faults.draw() if faults else ("ok", None)
         if kind == "reset":
-            owner._record(Post(0, None, None, "reset"))
-            self._reset()
+            self._reset("reset")
             return
         if kind == "status":
             owner._record(Post(arg, None, None, "injected"))
-            extra = {"Retry-After": owner.faults.retry_after} if arg == 429 and owner.faults else {}
+            extra = {"Retry-After": faults.retry_after} if arg == 429 and faults else {}
             self._answer(arg, {"success": False, "message": "injected fault"}, extra)
             return
         status, reason, rid, md = validate(self.headers, raw, owner.api_key)
         owner._record(Post(status, rid, md, reason))
         if kind == "slow":
-            time.sleep(arg)
+            owner._stopping.wait(arg)
         elif owner.latency_s:
             time.sleep(owner.latency_s)
         if status == 200:

@@ -8,6 +8,24 @@ from collections import Counter
 
 _logger = logging.getLogger("otel_metadata")
 
+# Always present in a snapshot (zero until something happens), so a dashboard or an alert can
+# read them without guessing. Every record that is not delivered ends in one `dropped.<reason>`.
+STANDARD_COUNTERS: tuple[str, ...] = (
+    "queued",                     # records handed to the queue (updates of one ID coalesce)
+    "posts",                      # HTTP POSTs attempted, retries included
+    "delivered",                  # POSTs answered 2xx
+    "retried",                    # retries after 429, 5xx, a timeout or a connection error
+    "dropped.queue_full",         # refused: the queue held max_queue_size request IDs
+    "dropped.retries_exhausted",  # still failing when the export timeout ran out
+    "dropped.rejected",           # answered 400/401/403/404/422: not retried
+    "dropped.unauthorized",       # not sent: the key was rejected earlier (401)
+    "dropped.shutdown",           # still queued, or arriving, after shutdown()
+    "dropped.error",              # an unexpected error in the sender (a bug; logged)
+    "truncated_values",           # values cut to max_value_length
+    "dropped_keys",               # metadata keys longer than 1024 characters
+    "ignored_request_ids",        # request IDs of a type PromptLayer cannot take
+)
+
 # How many distinct keys we remember having warned about, so a flood of odd keys cannot grow memory.
 _MAX_WARNED_KEYS = 1000
 
@@ -15,9 +33,9 @@ _MAX_WARNED_KEYS = 1000
 class Stats:
     """Thread-safe named counters, plus a once-per-key warning helper.
 
-    Names in use: ``queued``, ``delivered``, ``posts``, ``retried``, ``dropped.<reason>``,
-    ``rejected.<status>``, ``truncated_values``, ``dropped_keys``, ``ignored_request_ids``,
-    ``followups``, ``traces_evicted``.
+    Names in use: `STANDARD_COUNTERS`, plus ``rejected.<status>`` (which HTTP status a
+    ``dropped.rejected`` record got), ``dropped_values``, ``followups``, ``traces_evicted``,
+    ``errors``.
     """
 
     def __init__(self) -> None:
@@ -43,8 +61,11 @@ class Stats:
             _logger.warning(message, *args)
 
     def snapshot(self) -> dict[str, int]:
+        """Every counter so far; the standard ones are there even at zero."""
+        counts = dict.fromkeys(STANDARD_COUNTERS, 0)
         with self._lock:
-            return dict(self._counts)
+            counts.update(self._counts)
+        return counts
 
     def reset_after_fork(self) -> None:
         """A forked child starts its own counts: the parent's records are the parent's."""

@@ -18,11 +18,13 @@ from requests.adapters import HTTPAdapter
 from .mapping import RequestId
 from .retry import parse_retry_after
 
+# The API's keys, plus the plain string that instrumentations also check for compatibility.
 _SUPPRESS_KEYS = tuple(
     key
     for key in (
         getattr(otel_context, "_SUPPRESS_INSTRUMENTATION_KEY", None),
         getattr(otel_context, "_SUPPRESS_HTTP_INSTRUMENTATION_KEY", None),
+        "suppress_instrumentation",
     )
     if key is not None
 )
@@ -60,6 +62,7 @@ class Transport:
 
     def __init__(self, endpoint: str, api_key: str, pool_size: int) -> None:
         self.endpoint = endpoint
+        self._api_key = api_key
         self._session = requests.Session()
         adapter = HTTPAdapter(pool_connections=1, pool_maxsize=max(1, pool_size))
         self._session.mount("http://", adapter)
@@ -72,20 +75,31 @@ class Transport:
     def __repr__(self) -> str:
         return f"Transport(endpoint={self.endpoint!r})"
 
+    def redact(self, text: str, limit: int | None = None) -> str:
+        """`text` (cut to `limit`) with the API key blanked out, for anything that may be logged.
+
+        Cut after redacting, so a key straddling the limit cannot leave a prefix behind.
+        """
+        if limit is not None:
+            text = text[: limit + len(self._api_key)]
+        return text.replace(self._api_key, "<redacted>")[:limit]
+
     def post(self, request_id: RequestId, metadata: Mapping[str, str], timeout: float) -> Outcome:
+        """One POST; network errors come back as an `Outcome` (status None), never raised."""
         body = json.dumps({"request_id": request_id, "metadata": dict(metadata)})
         try:
             with suppressed_instrumentation():
                 response = self._session.post(self.endpoint, data=body.encode(), timeout=timeout)
         except requests.RequestException as exc:
-            # Messages of requests' exceptions hold the URL, never headers: safe to log.
-            return Outcome(None, error=type(exc).__name__, detail=str(exc)[:300])
+            # requests' messages hold the URL, not headers; redacted all the same, as is the
+            # answer's body below (a server may echo what it was sent).
+            return Outcome(None, error=type(exc).__name__, detail=self.redact(str(exc), 300))
         try:
             status = response.status_code
             return Outcome(
                 status,
                 retry_after=parse_retry_after(response.headers.get("Retry-After")),
-                detail="" if 200 <= status < 300 else response.text[:300],
+                detail="" if 200 <= status < 300 else self.redact(response.text, 300),
             )
         finally:
             response.close()
