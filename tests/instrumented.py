@@ -11,7 +11,7 @@ import json
 import os
 import subprocess
 import sys
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -28,19 +28,19 @@ def run_app(
     env: Mapping[str, str],
     *,
     instrument: bool = True,
-    args: Sequence[str] = (),
+    expect_exit: int = 0,
     timeout: float = 60,
 ) -> subprocess.CompletedProcess[str]:
-    """Run `script` with `env` added to a clean environment; fail with its output if it fails."""
+    """Run `script` with `env` added to a clean environment; assert how it exits."""
     child_env = {k: v for k, v in os.environ.items()
                  if not k.startswith(("OTEL_", "PROMPTLAYER_", "OPENAI_"))}
     child_env.update(env)
-    command = [sys.executable, str(script), *args]
+    command = [sys.executable, str(script)]
     if instrument:
         command.insert(0, OPENTELEMETRY_INSTRUMENT)
     done = subprocess.run(command, env=child_env, capture_output=True, text=True,
                           timeout=timeout, check=False)
-    assert done.returncode == 0, (
+    assert done.returncode == expect_exit, (
         f"{command} exited {done.returncode}:\n{done.stdout}\n{done.stderr}")
     return done
 
