@@ -35,7 +35,9 @@ def example_env(server: TrackMetadataServer, stub: OpenAIStub) -> dict[str, str]
     return {
         **QUIET_SIGNALS,
         "OTEL_TRACES_EXPORTER": "console,promptlayer_metadata",
-        "OTEL_BSP_SCHEDULE_DELAY": "20",
+        # Longer than the app runs: the console exporter prints only at exit, so its JSON never
+        # interleaves with the app's own output. The exit flush sends everything at once.
+        "OTEL_BSP_SCHEDULE_DELAY": "30000",
         "OTEL_RESOURCE_ATTRIBUTES": "promptlayer.metadata.environment=test",
         "PROMPTLAYER_API_KEY": server.api_key,
         "PROMPTLAYER_BASE_URL": server.base_url,

@@ -67,7 +67,10 @@ def test_exporter_alone_gives_mapping_lineage_context_and_resource(
 
 
 def test_beside_another_exporter_which_keeps_working(server: TrackMetadataServer) -> None:
-    done = run_app(APP, env_for(server, OTEL_TRACES_EXPORTER="console,promptlayer_metadata"))
+    # A schedule delay longer than the app runs: the console exporter prints only at exit, so
+    # its JSON never interleaves with the app's output. The exit flush sends everything at once.
+    done = run_app(APP, env_for(server, OTEL_TRACES_EXPORTER="console,promptlayer_metadata",
+                                OTEL_BSP_SCHEDULE_DELAY="30000"))
 
     assert server.metadata == expected()
     assert server.statuses() == {200: 3}
