@@ -14,7 +14,7 @@ import struct
 import sys
 import threading
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from email.message import Message
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -33,6 +33,8 @@ class Faults:
     `slow_s` (meant to be beyond the client's timeout, so the client cannot know it landed).
     `refuse_for_s`: a window that opens with the first connection after `Faults` is installed,
     during which every connection is reset before its request is read (a server still starting).
+    `first` scripts the answers to the first requests, before any share applies: each an HTTP
+    status, ``"reset"`` or ``"slow"`` (for tests that need one exact sequence).
     """
 
     status: Mapping[int, float] = field(default_factory=dict)
@@ -41,9 +43,11 @@ class Faults:
     slow: float = 0.0
     slow_s: float = 1.0
     refuse_for_s: float = 0.0
+    first: Sequence[int | str] = ()
     seed: int = 0
     _rng: random.Random = field(init=False, repr=False)
     _refuse_until: float | None = field(init=False, repr=False, default=None)
+    _drawn: int = field(init=False, repr=False, default=0)
     _lock: threading.Lock = field(init=False, repr=False, default_factory=threading.Lock)
 
     def __post_init__(self) -> None:
@@ -60,7 +64,13 @@ class Faults:
     def draw(self) -> tuple[str, Any]:
         """('ok', None) | ('status', code) | ('reset', None) | ('slow', seconds)."""
         with self._lock:
+            scripted = self.first[self._drawn] if self._drawn < len(self.first) else None
+            self._drawn += 1
             x = self._rng.random()
+        if isinstance(scripted, int):
+            return ("status", scripted)
+        if scripted is not None:
+            return (scripted, self.slow_s if scripted == "slow" else None)
         for code, share in self.status.items():
             if x < share:
                 return ("status", code)
@@ -75,12 +85,16 @@ class Faults:
 
 @dataclass(frozen=True)
 class Post:
-    """One request the server answered: what it decided and what it was sent."""
+    """One request the server answered: what it decided and what it was sent.
+
+    `status` 0 means no answer (reset or refused); `at` is when it arrived (monotonic clock).
+    """
 
     status: int
     request_id: Any
     metadata: Any
     reason: str = ""
+    at: float = field(default_factory=time.monotonic)
 
 
 class TrackMetadataServer:
@@ -95,6 +109,10 @@ class TrackMetadataServer:
         self.connections = 0
         self._lock = threading.Lock()
         self._stopping = threading.Event()  # cuts `slow` answers short at stop()
+        # While `gate` is an Event not yet set, requests wait at it (after one `waiting.release()`
+        # each, so a test knows a sender is stuck there), then go on as usual.
+        self.gate: threading.Event | None = None
+        self.waiting = threading.Semaphore(0)
         self._httpd: ThreadingHTTPServer | None = None
 
     @property
@@ -180,6 +198,10 @@ def validate(
 
 
 class _Server(ThreadingHTTPServer):
+    # socketserver's default backlog of 5 overflows under a burst of reconnects (every reset
+    # costs one), and a SYN dropped by a full backlog is only retried after a second.
+    request_queue_size = 128
+
     def handle_error(self, request: Any, client_address: Any) -> None:
         """A client that hung up (its timeout, a reset we injected) is normal here: stay quiet."""
         if not isinstance(sys.exc_info()[1], ConnectionError):
@@ -240,6 +262,11 @@ class _Handler(BaseHTTPRequestHandler):
         if self.path != PATH:
             self._answer(404, {"success": False, "message": "not found"})
             return
+        gate = owner.gate
+        if gate is not None and not gate.is_set():
+            owner.waiting.release()
+            while not gate.wait(0.05) and not owner._stopping.is_set():
+                pass
         kind: str
         arg: Any
         kind, arg = faults.draw() if faults else ("ok", None)
@@ -252,7 +279,7 @@ class _Handler(BaseHTTPRequestHandler):
             self._answer(arg, {"success": False, "message": "injected fault"}, extra)
             return
         status, reason, rid, md = validate(self.headers, raw, owner.api_key)
-        owner._record(Post(status, rid, md, reason))
+        owner._record(Post(status, rid, md, reason or ("answered late" if kind == "slow" else "")))
         if kind == "slow":
             owner._stopping.wait(arg)
         elif owner.latency_s:
