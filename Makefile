@@ -22,7 +22,7 @@ demo: $(RUN_STAMP)
 	$(BIN)/otel-metadata demo
 
 lint: $(TEST_STAMP)
-	$(BIN)/ruff check src tests examples benchmarks
+	$(BIN)/ruff check .
 	$(BIN)/mypy src
 
 test: lint
