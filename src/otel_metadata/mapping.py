@@ -47,11 +47,12 @@ class MappingRules:
 
     def is_relevant(self, attributes: Mapping[str, Any]) -> bool:
         """Cheap test whether `attributes` could yield metadata or a request ID."""
-        if not attributes:
+        keys = tuple(attributes)  # iterate once: the SDK's attribute mapping iterates in Python
+        if not keys:
             return False
-        if not self.relevant.isdisjoint(attributes):
+        if not self.relevant.isdisjoint(keys):
             return True
-        return METADATA_PREFIX in "\0".join(attributes)
+        return METADATA_PREFIX in "\0".join(keys)
 
 
 def stringify(value: object) -> str | None:

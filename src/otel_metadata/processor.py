@@ -18,7 +18,13 @@ from . import config
 from .context import _CONTEXT_KEY
 from .delivery import Delivery
 from .lineage import SpanData, TraceJoin
-from .mapping import MappingRules, map_attributes, map_values, request_id_of
+from .mapping import (
+    METADATA_PREFIX,
+    MappingRules,
+    map_attributes,
+    map_values,
+    request_id_of,
+)
 from .retry import RetryPolicy
 from .stats import Stats
 
@@ -129,11 +135,11 @@ class MetadataSpanProcessor(SpanProcessor):
             ctx = span.context
             assert ctx is not None
             started = self._started.pop(ctx.span_id, None) if self._started else None
-            attrs = span.attributes or {}
-            relevant = self._rules.is_relevant(attrs)
-            if not relevant and not self._join.holds(ctx.trace_id):
-                return
-            self._join.add(self._span_data(span, attrs, relevant, started))
+            attrs = span.attributes
+            if attrs and self._rules.is_relevant(attrs):
+                self._join.add(self._span_data(span, _relevant_items(attrs, self._rules), started))
+            elif self._join.holds(ctx.trace_id):
+                self._join.add(self._span_data(span, None, started))
         except Exception:
             self._stats.add("errors")
             if self._stats.first("error", "on_end"):
@@ -141,16 +147,21 @@ class MetadataSpanProcessor(SpanProcessor):
                                 getattr(span, "name", "?"), exc_info=True)
 
     def _span_data(
-        self, span: ReadableSpan, attrs: Mapping[str, Any], relevant: bool,
+        self, span: ReadableSpan, attrs: Mapping[str, Any] | None,
         started: tuple[Any, Any] | None,
     ) -> SpanData:
+        """`attrs`: the span's relevant attributes (None when it has none)."""
         ctx, parent = span.context, span.parent
         assert ctx is not None
         rules, stats = self._rules, self._stats
-        metadata = map_attributes(attrs, rules, stats) if relevant else {}
-        request_id = request_id_of(attrs, rules.request_id_attributes, stats) if relevant else None
+        metadata = map_attributes(attrs, rules, stats) if attrs else {}
+        request_id = request_id_of(attrs, rules.request_id_attributes, stats) if attrs else None
+        if request_id is None:  # the common case: positional, as SpanData's fields are ordered
+            return SpanData(ctx.trace_id, ctx.span_id,
+                            parent.span_id if parent is not None else None,
+                            parent is None or parent.is_remote, metadata)
         context_md = None
-        if request_id is not None and started is not None:
+        if started is not None:
             values, bag = started
             context_md = map_attributes(bag, rules, stats) if bag else {}
             context_md.update(map_values(values or {}, rules, stats))  # context beats baggage
@@ -162,7 +173,7 @@ class MetadataSpanProcessor(SpanProcessor):
             metadata=metadata,
             request_id=request_id,
             context=context_md,
-            resource=self._map_resource(span.resource) if request_id is not None else None,
+            resource=self._map_resource(span.resource),
         )
 
     def _map_resource(self, resource: Resource | None) -> Mapping[str, str]:
@@ -229,3 +240,13 @@ class MetadataSpanProcessor(SpanProcessor):
         self._started = {}
         self._join.clear()
         self._start_janitor()
+
+
+def _relevant_items(attrs: Mapping[str, Any], rules: MappingRules) -> dict[str, Any]:
+    """The attributes the mapping rules read, in a plain dict.
+
+    Mapping them gives the same result as mapping all of `attrs`, and a dict is much cheaper to
+    probe than the SDK's attribute mapping (whose `in` raises and catches a KeyError per miss).
+    """
+    relevant = rules.relevant
+    return {k: attrs[k] for k in attrs if k in relevant or k.startswith(METADATA_PREFIX)}
