@@ -19,6 +19,9 @@ from dataclasses import dataclass
 
 from .mapping import RequestId
 
+# Longest single wait: a condition's timeout overflows the platform's time_t far below inf.
+_MAX_WAIT_S = 3600.0
+
 
 @dataclass(slots=True)
 class Entry:
@@ -146,9 +149,9 @@ class RecordQueue:
             try:
                 while self._oldest_unsettled() <= seq:
                     remaining = deadline - self._clock()
-                    if remaining <= 0:
+                    if not remaining > 0:  # NaN too
                         return False
-                    self._cond.wait(remaining)
+                    self._cond.wait(min(remaining, _MAX_WAIT_S))
                 self._tell(seq)
                 return not me.failed
             finally:

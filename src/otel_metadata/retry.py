@@ -8,6 +8,9 @@ from dataclasses import dataclass
 from datetime import datetime, timezone
 from email.utils import parsedate_to_datetime
 
+# A server asking for more than a day is taken to mean a day (a sleep must fit the platform).
+MAX_RETRY_AFTER_S = 86_400.0
+
 
 @dataclass(frozen=True)
 class RetryPolicy:
@@ -51,11 +54,12 @@ def parse_retry_after(value: str | None, now: datetime | None = None) -> float |
         return None
     value = value.strip()
     if value.isdigit():
-        return float(value)
+        return min(float(value), MAX_RETRY_AFTER_S)
     try:
         when = parsedate_to_datetime(value)
     except (TypeError, ValueError, IndexError):
         return None
     if when.tzinfo is None:
         when = when.replace(tzinfo=timezone.utc)
-    return max(0.0, (when - (now or datetime.now(timezone.utc))).total_seconds())
+    seconds = (when - (now or datetime.now(timezone.utc))).total_seconds()
+    return min(max(0.0, seconds), MAX_RETRY_AFTER_S)

@@ -1,0 +1,133 @@
+"""The record queue: bounded (drop newest), coalescing, and honest about failures at flush."""
+
+from __future__ import annotations
+
+import threading
+import time
+from typing import Any
+
+import pytest
+from test_reliability import send
+
+from otel_metadata.queue import RecordQueue
+from otel_metadata.server import TrackMetadataServer
+
+NOW = 0.0
+
+
+def make_queue(max_size: int = 3) -> RecordQueue:
+    """A queue with a frozen clock, whose entries are due only when flushed or urgent."""
+    return RecordQueue(max_size, max_batch=max_size, delay_s=60.0, clock=lambda: NOW)
+
+
+def test_a_full_queue_refuses_the_newest_but_still_merges_into_queued_ids() -> None:
+    q = make_queue(max_size=2)
+    assert q.put(1, {"a": "1"}) and q.put(2, {"a": "1"})
+    assert q.put(3, {"a": "1"}) is False  # newest dropped, oldest kept
+    assert q.put(1, {"b": "2"}) is True  # an update of a queued ID takes no room
+    assert len(q) == 2
+    q.flush(deadline=NOW)  # makes everything due; times out at once (nothing delivered yet)
+    taken = [q.take(), q.take()]
+    assert [(e.request_id, e.metadata) for e in taken if e] == [
+        (1, {"a": "1", "b": "2"}), (2, {"a": "1"})]
+
+
+def test_updates_of_one_request_id_merge_later_value_winning() -> None:
+    q = make_queue()
+    q.put(7, {"a": "1", "b": "1"})
+    q.put(7, {"a": "2"})
+    q.flush(deadline=NOW)
+    entry = q.take()
+    assert entry is not None and (entry.request_id, entry.metadata) == (7, {"a": "2", "b": "1"})
+
+
+def test_one_request_id_is_never_in_flight_twice() -> None:
+    q = make_queue()
+    q.put(7, {"a": "1"})
+    q.flush(deadline=NOW)
+    first = q.take()
+    q.put(7, {"a": "2"})
+    q.put(8, {"a": "1"})
+    q.flush(deadline=NOW)
+    second = q.take()
+    assert second is not None and second.request_id == 8  # 7 waits for its first POST
+    assert first is not None
+    q.done(first, delivered=True)
+    third = q.take()
+    assert third is not None and (third.request_id, third.metadata) == (7, {"a": "2"})
+
+
+def _settle(q: RecordQueue, delivered: bool) -> None:
+    """Play the sender: take every due entry and finish it."""
+    while len(q):
+        entry = q.take()
+        assert entry is not None
+        q.done(entry, delivered)
+
+
+def test_a_failure_is_told_to_the_flush_that_covers_it_and_then_forgotten() -> None:
+    q = make_queue()
+    q.put(1, {"a": "1"})
+    q.flush(deadline=NOW)
+    _settle(q, delivered=False)
+    assert q.flush(deadline=NOW + 1) is False
+    assert q.flush(deadline=NOW + 1) is True  # an old drop does not fail every later flush
+    q.put(2, {"a": "1"})
+    q.flush(deadline=NOW)
+    _settle(q, delivered=True)
+    assert q.flush(deadline=NOW + 1) is True
+
+
+def test_concurrent_flushes_are_each_told_of_a_failure_they_cover() -> None:
+    q = RecordQueue(10, 10, 60.0)  # a real clock: the flushes below really wait
+    q.put(1, {"a": "1"})
+    results: list[bool] = []
+    deadline = time.monotonic() + 60
+    flushes = [threading.Thread(target=lambda: results.append(q.flush(deadline)))
+               for _ in range(2)]
+    for thread in flushes:
+        thread.start()
+    entry = q.take()
+    assert entry is not None
+    q.done(entry, delivered=False)
+    for thread in flushes:
+        thread.join(10)
+    assert results == [False, False]
+
+
+def test_failures_without_a_flush_take_constant_memory() -> None:
+    q = make_queue()
+    for _ in range(100_000):  # a rejected key: every record fails, and nobody flushes
+        q.put_failed()
+    assert len(q._failed) == 1  # white-box: what keeps a long outage from growing memory
+    assert q.flush(deadline=NOW + 1) is False
+
+
+def test_a_closed_queue_refuses_and_reports_what_was_left() -> None:
+    q = make_queue()
+    q.put(1, {"a": "1"})
+    left = q.close()
+    assert [e.request_id for e in left] == [1]
+    assert q.put(2, {"a": "1"}) is False
+    assert q.take() is None
+    assert q.flush(deadline=NOW + 1) is False
+
+
+def test_overflow_drops_the_newest_counts_and_logs_once(
+    server: TrackMetadataServer, make_pipeline: Any, caplog: pytest.LogCaptureFixture,
+) -> None:
+    max_queue = 5
+    server.gate = threading.Event()  # the server holds every request until we open it
+    p = make_pipeline(max_queue_size=max_queue, max_export_batch_size=max_queue,
+                      max_concurrency=1, request_timeout_s=30)
+    send(p, 0, {"n": "0"})
+    assert server.waiting.acquire(timeout=10)  # the only sender is stuck on request 0
+    for rid in range(1, 21):
+        send(p, rid, {"n": str(rid)})
+    stats = p.processor.stats()
+    assert (stats["queued"], stats["dropped.queue_full"]) == (1 + max_queue, 20 - max_queue)
+    assert sum("queue full" in r.getMessage() for r in caplog.records) == 1
+
+    server.gate.set()
+    assert p.flush() is False  # some records were dropped: the flush says so
+    assert server.metadata == {rid: {"n": str(rid)} for rid in range(1 + max_queue)}
