@@ -62,7 +62,9 @@ class Transport:
 
     def __init__(self, endpoint: str, api_key: str, pool_size: int) -> None:
         self.endpoint = endpoint
-        self._api_key = api_key
+        # The key as text, as Python quotes it (error messages use repr) and as JSON quotes it.
+        self._secrets = sorted({api_key, repr(api_key)[1:-1], json.dumps(api_key)[1:-1]},
+                               key=len, reverse=True)
         self._session = requests.Session()
         adapter = HTTPAdapter(pool_connections=1, pool_maxsize=max(1, pool_size))
         self._session.mount("http://", adapter)
@@ -81,8 +83,10 @@ class Transport:
         Cut after redacting, so a key straddling the limit cannot leave a prefix behind.
         """
         if limit is not None:
-            text = text[: limit + len(self._api_key)]
-        return text.replace(self._api_key, "<redacted>")[:limit]
+            text = text[: limit + len(self._secrets[0])]
+        for secret in self._secrets:
+            text = text.replace(secret, "<redacted>")
+        return text[:limit]
 
     def post(self, request_id: RequestId, metadata: Mapping[str, str], timeout: float) -> Outcome:
         """One POST; network errors come back as an `Outcome` (status None), never raised."""
