@@ -57,7 +57,7 @@ def pipeline(make_pipeline: Any) -> Any:
 @settings(max_examples=150, deadline=None,
           suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(attributes=ATTRIBUTES, parent=ATTRIBUTES, request_id=st.integers(0, 20) | st.text(
-    min_size=1, max_size=5))
+    min_size=1, max_size=5).filter(str.strip))
 def test_real_spans_with_any_attributes_never_raise_and_post_only_valid_metadata(
     pipeline: Any, server: TrackMetadataServer, attributes: dict[str, Any],
     parent: dict[str, Any], request_id: int | str,
