@@ -15,6 +15,10 @@ from otel_metadata.server import TrackMetadataServer
 NOW = 0.0
 
 
+def _nothing() -> None:
+    """The accounting of a sender that counts nothing."""
+
+
 def make_queue(max_size: int = 3) -> RecordQueue:
     """A queue with a frozen clock, whose entries are due only when flushed or urgent."""
     return RecordQueue(max_size, max_batch=max_size, delay_s=60.0, clock=lambda: NOW)
@@ -52,7 +56,7 @@ def test_one_request_id_is_never_in_flight_twice() -> None:
     second = q.take()
     assert second is not None and second.request_id == 8  # 7 waits for its first POST
     assert first is not None
-    q.done(first, delivered=True)
+    q.done(first, delivered=True, account=_nothing)
     third = q.take()
     assert third is not None and (third.request_id, third.metadata) == (7, {"a": "2"})
 
@@ -62,7 +66,7 @@ def _settle(q: RecordQueue, delivered: bool) -> None:
     while len(q):
         entry = q.take()
         assert entry is not None
-        q.done(entry, delivered)
+        q.done(entry, delivered, account=_nothing)
 
 
 def test_a_failure_is_told_to_the_flush_that_covers_it_and_then_forgotten() -> None:
@@ -89,7 +93,7 @@ def test_concurrent_flushes_are_each_told_of_a_failure_they_cover() -> None:
         thread.start()
     entry = q.take()
     assert entry is not None
-    q.done(entry, delivered=False)
+    q.done(entry, delivered=False, account=_nothing)
     for thread in flushes:
         thread.join(10)
     assert results == [False, False]
@@ -106,11 +110,19 @@ def test_failures_without_a_flush_take_constant_memory() -> None:
 def test_a_closed_queue_refuses_and_reports_what_was_left() -> None:
     q = make_queue()
     q.put(1, {"a": "1"})
+    q.put(2, {"a": "1"})
+    q.flush(deadline=NOW)
+    in_flight = q.take()
+    assert in_flight is not None and in_flight.request_id == 1
     left = q.close()
-    assert [e.request_id for e in left] == [1]
-    assert q.put(2, {"a": "1"}) is False
+    assert sorted(e.request_id for e in left) == [1, 2]  # in flight or not, given up and told
+    assert q.put(3, {"a": "1"}) is False
     assert q.take() is None
     assert q.flush(deadline=NOW + 1) is False
+    # The abandoned POST finishing later is not counted a second time.
+    counted: list[int] = []
+    q.done(in_flight, delivered=True, account=lambda: counted.append(1))
+    assert counted == []
 
 
 def test_overflow_drops_the_newest_counts_and_logs_once(

@@ -252,6 +252,9 @@ def test_shutdown_with_an_unreachable_server_returns_within_the_export_timeout(
     started = time.monotonic()
     p.processor.shutdown()
     assert time.monotonic() - started < 1.0 + 1.5
+    stats = p.processor.stats()
+    assert stats["dropped.shutdown"] + stats["dropped.retries_exhausted"] == 1
+    assert stats["delivered"] == 0
     started = time.monotonic()
     p.processor.shutdown()  # idempotent: nothing left to wait for
     assert time.monotonic() - started < 0.5
@@ -286,6 +289,7 @@ def test_interpreter_exit_is_not_held_up_by_an_unreachable_server(
     done = subprocess.run([sys.executable, "-c", _EXIT_SCRIPT, f"http://127.0.0.1:{port}"],
                           env=env, capture_output=True, text=True, timeout=30)
     assert done.returncode == 0, done.stderr
+    assert "at shutdown: dropped." in done.stderr  # the loss is told, not silent
     took = float(re.search(r"exit hooks took ([\d.]+) s", done.stdout).group(1))  # type: ignore
     assert took < 1.0 + 1.5
     print(f"\n{where}: exit hooks took {took:.3f} s")

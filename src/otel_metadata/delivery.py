@@ -11,6 +11,7 @@ and Python 3.12+ refuses to start threads then.
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import threading
@@ -105,7 +106,8 @@ class Delivery:
         return self._queue.flush(self._clock() + timeout_s)
 
     def shutdown(self, timeout_s: float) -> None:
-        """Flush for at most `timeout_s`, then stop: what is left is dropped and counted."""
+        """Flush for at most `timeout_s`, then stop: what is left, queued or still in flight,
+        is counted as ``dropped.shutdown`` (an in-flight POST may land all the same)."""
         if self._shutdown:
             return
         self.force_flush(timeout_s)
@@ -125,33 +127,33 @@ class Delivery:
             if entry is None:
                 return
             try:
-                delivered = self._deliver(entry)
+                fate = self._deliver(entry)
             except Exception as exc:  # a bug here must not kill the sender and stall delivery
                 # Formatted and scrubbed by hand: a traceback's messages could quote a header.
                 _logger.error("otel-metadata: unexpected error delivering a record:\n%s",
                               self._transport.redact("".join(traceback.format_exception(exc))))
-                delivered = False
-                self._stats.add("dropped.error")
-            queue.done(entry, delivered)
+                fate = "dropped.error"
+            queue.done(entry, fate == "delivered", functools.partial(self._stats.add, fate))
 
-    def _deliver(self, entry: Entry) -> bool:
-        """POST `entry` until a 2xx, a refusal, shutdown, or the export timeout runs out."""
+    def _deliver(self, entry: Entry) -> str:
+        """POST `entry` until a 2xx, a refusal, shutdown, or the export timeout runs out.
+
+        Returns its fate, the counter to add: ``delivered`` or ``dropped.<reason>``.
+        """
         deadline = self._clock() + self._settings.export_timeout_s
         tries = 0
         while True:
             if self._key_rejected:
-                self._stats.add("dropped.unauthorized")
-                return False
+                return "dropped.unauthorized"
             timeout = min(self._settings.request_timeout_s, deadline - self._clock())
             outcome = self._transport.post(entry.request_id, entry.metadata, timeout)
             tries += 1
             self._stats.add("posts")
             if outcome.ok:
-                self._stats.add("delivered")
-                return True
+                return "delivered"
             if not self._retry.is_retryable(outcome.status):
                 self._reject(outcome)
-                return False
+                return "dropped.rejected"
             wait = self._retry.backoff(tries - 1, outcome.retry_after)
             _logger.debug("otel-metadata: POST for request %r failed (%s); next try in %.3f s",
                           entry.request_id, _describe(outcome), wait)
@@ -161,17 +163,15 @@ class Delivery:
                 if not self._shutdown and self._clock() < deadline:
                     self._stats.add("retried")
                     continue
-            self._stats.add("dropped.retries_exhausted")
             self._stats.warn_once("drop", "exhausted", "otel-metadata: giving up on request %r "
                                   "after %d tries (last: %s); further such drops are only "
                                   "counted", entry.request_id, tries, _describe(outcome))
-            return False
+            return "dropped.retries_exhausted"
 
     def _reject(self, outcome: Outcome) -> None:
         """A permanent refusal: count it, and log one line per kind (never the key)."""
         status = outcome.status
         self._stats.add(f"rejected.{status}")
-        self._stats.add("dropped.rejected")
         if status == 401:
             self._key_rejected = True
             self._stats.warn_once("reject", "401", "otel-metadata: PromptLayer rejected the API "

@@ -32,6 +32,7 @@ class Entry:
     first_seq: int
     enqueued_at: float
     updates: int = 1
+    abandoned: bool = False  # still in flight when the queue closed: already counted as failed
 
 
 @dataclass(slots=True)
@@ -128,9 +129,17 @@ class RecordQueue:
             break  # pending is in enqueue order: later entries are due later
         return soonest
 
-    def done(self, entry: Entry, delivered: bool) -> None:
-        """The POST for `entry` finished: delivered, or failed for good."""
+    def done(self, entry: Entry, delivered: bool, account: Callable[[], None]) -> None:
+        """The POST for `entry` finished: delivered, or failed for good.
+
+        `account` (the caller's counting) runs under the lock, unless `close` gave the entry up
+        first (and the caller counted it then): so every entry is counted exactly once, and
+        before any flush that covers it returns.
+        """
         with self._cond:
+            if entry.abandoned:
+                return
+            account()
             self._inflight.pop(entry.request_id, None)
             if not delivered:
                 self._fail(entry.first_seq)
@@ -182,11 +191,18 @@ class RecordQueue:
         return min(firsts, default=float("inf"))
 
     def close(self) -> list[Entry]:
-        """Stop handing out entries; return what was still pending (the caller counts it)."""
+        """Stop handing out entries; give up on every unsettled one and return them.
+
+        Entries still in flight are marked abandoned: their POST may yet land, but nobody is
+        left to wait for it, so they count as not delivered (the caller counts them).
+        """
         with self._cond:
             self._closed = True
-            left = list(self._pending.values())
+            left = [*self._pending.values(), *self._inflight.values()]
+            for entry in self._inflight.values():
+                entry.abandoned = True
             self._pending.clear()
+            self._inflight.clear()
             self._fail(*(e.first_seq for e in left))
             self._cond.notify_all()
             return left
