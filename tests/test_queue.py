@@ -143,3 +143,11 @@ def test_overflow_drops_the_newest_counts_and_logs_once(
     server.gate.set()
     assert p.flush() is False  # some records were dropped: the flush says so
     assert server.metadata == {rid: {"n": str(rid)} for rid in range(1 + max_queue)}
+
+
+def test_stats_has_every_standard_counter_from_the_start(make_pipeline: Any) -> None:
+    stats = make_pipeline().processor.stats()
+    for name in ("queued", "delivered", "retried", "dropped.queue_full",
+                 "dropped.retries_exhausted", "dropped.rejected", "dropped.unauthorized",
+                 "dropped.shutdown", "truncated_values", "ignored_request_ids"):
+        assert stats[name] == 0, name

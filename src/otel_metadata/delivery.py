@@ -31,7 +31,6 @@ _logger = logging.getLogger("otel_metadata")
 
 _PERMANENT_HINTS = {
     400: "the API rejected the request as malformed",
-    401: "the API key was rejected",
     403: "the API key may not track metadata",
     404: "no such endpoint: check PROMPTLAYER_BASE_URL",
     422: "the API rejected the metadata (validation)",
@@ -155,10 +154,10 @@ class Delivery:
                 self._reject(outcome)
                 return "dropped.rejected"
             wait = self._retry.backoff(tries - 1, outcome.retry_after)
-            _logger.debug("otel-metadata: POST for request %r failed (%s); next try in %.3f s",
-                          entry.request_id, _describe(outcome), wait)
             # Sleep only when a retry could still start before the deadline; shutdown wakes us.
             if not self._shutdown and self._clock() + wait < deadline:
+                _logger.debug("otel-metadata: POST for request %r failed (%s); next try in "
+                              "%.3f s", entry.request_id, _describe(outcome), wait)
                 self._wake.wait(wait)
                 if not self._shutdown and self._clock() < deadline:
                     self._stats.add("retried")

@@ -37,7 +37,7 @@ class Entry:
 
 @dataclass(slots=True)
 class _Flush:
-    """One waiting `wait_settled` call: the sequence number it covers, and whether any failed."""
+    """One waiting `flush` call: the sequence number it covers, and whether any of those failed."""
 
     upto: int
     failed: bool = False
