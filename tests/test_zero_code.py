@@ -27,6 +27,25 @@ ANA = {"user_id": "ana", "conversation_id": "conv-1", "plan": "pro"}
 BEN = {"user_id": "ben", "conversation_id": "conv-2", "plan": "pro"}
 
 
+# An OTEL_CONFIG_FILE: YAML keys under `promptlayer_metadata` become the exporter's arguments.
+EXPORTER_KEYS = """
+          promptlayer_metadata:
+            base_url: ${TEST_TRACK_METADATA_URL}
+            schedule_delay_millis: 20
+            metadata:
+              team: search"""
+CONFIG_FILE = """
+file_format: "1.0"
+resource:
+  attributes:
+    - name: promptlayer.metadata.environment
+      value: staging
+tracer_provider:
+  processors:
+    - batch:
+        exporter:{exporter}"""
+
+
 def expected(**common: str) -> dict[int, dict[str, str]]:
     return {
         7001: {**ANA, "step": "step-7001", **common},
@@ -85,34 +104,45 @@ def test_config_file_passes_yaml_keys_and_installs_one_processor(
     server: TrackMetadataServer, tmp_path: Path,
 ) -> None:
     # Two span processors naming the exporter: still one metadata processor, one POST per ID.
-    exporter = """
-          promptlayer_metadata:
-            base_url: ${TEST_TRACK_METADATA_URL}
-            schedule_delay_millis: 20
-            metadata:
-              team: search"""
     config = tmp_path / "otel.yaml"
-    config.write_text(f"""
-file_format: "1.0"
-resource:
-  attributes:
-    - name: promptlayer.metadata.environment
-      value: staging
-tracer_provider:
-  processors:
-    - batch:
-        exporter:{exporter}
+    config.write_text(CONFIG_FILE.format(exporter=EXPORTER_KEYS) + f"""
     - simple:
-        exporter:{exporter}
-""")
+        exporter:{EXPORTER_KEYS}""")
     done = run_app(APP, {
         **env_for(server), "OTEL_CONFIG_FILE": str(config),
+        # The file's base_url beats the environment's.
         "TEST_TRACK_METADATA_URL": server.base_url, "PROMPTLAYER_BASE_URL": "http://127.0.0.1:9",
     })
 
     assert server.metadata == expected(environment="staging", team="search")
     assert server.statuses() == {200: 3}
     assert processors_installed(done.stdout) == 1
+
+
+def test_config_file_applied_in_code_then_install_pending(
+    server: TrackMetadataServer, tmp_path: Path,
+) -> None:
+    # Without opentelemetry-instrument, whoever applies the file calls install_pending() next.
+    config = tmp_path / "otel.yaml"
+    config.write_text(CONFIG_FILE.format(exporter=EXPORTER_KEYS))
+    app = tmp_path / "app.py"
+    app.write_text(f"""
+import sys
+sys.path.insert(0, {str(APP.parent)!r})
+from opentelemetry.configuration import configure_sdk, load_config_file
+from otel_metadata.autoconfig import install_pending
+from zero_code_app import handle_chat
+
+configure_sdk(load_config_file({str(config)!r}))
+install_pending()
+handle_chat("ana", "conv-1", [7001, 7002])
+handle_chat("ben", "conv-2", [7003])
+""")
+    run_app(app, {**env_for(server), "TEST_TRACK_METADATA_URL": server.base_url},
+            instrument=False)
+
+    assert server.metadata == expected(environment="staging", team="search")
+    assert server.statuses() == {200: 3}
 
 
 def test_sdk_disabled_sends_nothing_and_the_app_runs(server: TrackMetadataServer) -> None:
@@ -179,4 +209,5 @@ def test_a_bad_retry_mapping_falls_back_to_the_default_policy(
 ) -> None:
     with caplog.at_level(logging.WARNING, logger="otel_metadata"):
         assert _processor_options({"retry": {"backoff": 1}}) == {}
-    assert "ignoring promptlayer_metadata option retry" in caplog.text
+        assert _processor_options({"retry": [0.1, 2]}) == {}
+    assert caplog.text.count("ignoring promptlayer_metadata option retry") == 2

@@ -67,11 +67,11 @@ class PromptLayerMetadataExporter(SpanExporter):
         self._options = _processor_options(options)
         self._processor: MetadataSpanProcessor | None = None
         provider = trace.get_tracer_provider()
-        if isinstance(provider, TracerProvider):
-            self._processor = install(provider, **self._options)
-        else:
+        if not isinstance(provider, TracerProvider):
             with _lock:
                 _pending.append(self)
+            return
+        self._processor = _install_or_log(provider, self._options)
 
     def __repr__(self) -> str:
         return f"PromptLayerMetadataExporter(processor={self._processor!r})"
@@ -135,7 +135,8 @@ def install_pending() -> bool:
 
     ``opentelemetry-instrument`` calls this after configuring the SDK (entry point group
     ``opentelemetry_pre_instrument``). Call it yourself after configuring the SDK from a file in
-    code. Returns True when something was installed; does nothing without an SDK provider.
+    code (``configure_sdk(load_config_file(path))``). Returns True when exporters were waiting;
+    does nothing until the global tracer provider is an SDK one.
     """
     provider = trace.get_tracer_provider()
     if not isinstance(provider, TracerProvider):
@@ -144,8 +145,21 @@ def install_pending() -> bool:
         waiting = list(_pending)
         _pending.clear()
     for exporter in waiting:
-        exporter._processor = install(provider, **exporter._options)
+        exporter._processor = _install_or_log(provider, exporter._options)
     return bool(waiting)
+
+
+def _install_or_log(
+    provider: TracerProvider, options: dict[str, Any],
+) -> MetadataSpanProcessor | None:
+    """`install`, except that a bug of ours is logged instead of stopping the SDK's setup
+    (of the app's other exporters, and of every instrumentation after it)."""
+    try:
+        return install(provider, **options)
+    except Exception:
+        _logger.exception("otel-metadata: could not start the metadata processor; "
+                          "no metadata will be sent")
+        return None
 
 
 def installed_processor(provider: TracerProvider | None = None) -> MetadataSpanProcessor | None:
@@ -179,11 +193,11 @@ def _processor_options(options: Mapping[str, Any]) -> dict[str, Any]:
                         EXPORTER_NAME, ", ".join(unknown), ", ".join(sorted(_OPTION_NAMES)))
     kept = {k: v for k, v in options.items() if k in _OPTION_NAMES}
     retry = kept.get("retry")
-    if isinstance(retry, Mapping):
+    if retry is not None and not isinstance(retry, RetryPolicy):
         try:
             kept["retry"] = RetryPolicy(**retry)
-        except TypeError as exc:
+        except TypeError as exc:  # not a mapping, or not RetryPolicy's fields
             _logger.warning("otel-metadata: ignoring %s option retry=%r (%s); using the "
-                            "default policy", EXPORTER_NAME, dict(retry), exc)
+                            "default policy", EXPORTER_NAME, retry, exc)
             del kept["retry"]
     return kept
