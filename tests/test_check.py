@@ -180,6 +180,10 @@ def test_bad_values_are_shown_as_ignored(
     assert "warning: otel-metadata: ignoring OTEL_BSP_EXPORT_TIMEOUT='soon'" in out
     assert "30000 ms (default: OTEL_BSP_EXPORT_TIMEOUT ignored, see the warning)" in out
     assert "promptlayer_metadata listed; entry point registered" in out
+    # No OTLP exporter is installed here: opentelemetry-distro's otlp default would break setup.
+    assert ("warning: OTEL_METRICS_EXPORTER is unset: under opentelemetry-instrument it defaults "
+            "to otlp, which is not installed") in out
+    assert "set OTEL_LOGS_EXPORTER=none" in out
 
 
 def test_a_body_refused_even_with_an_invalid_key_leaves_the_key_unverified(

@@ -90,7 +90,26 @@ def describe(settings: config.Settings) -> str:
     lines = [f"  {name.ljust(width)}  {value}" for name, value in rows]
     if config.is_plain_http_to_remote(settings.base_url):
         lines.append("  warning: plain http to a remote host: the key would travel unencrypted")
+    if listed:
+        lines += [f"  warning: {w}" for w in _zero_code_pitfalls()]
     return "otel-metadata configuration:\n" + "\n".join(lines) + "\n"
+
+
+def _zero_code_pitfalls() -> list[str]:
+    """What would stop opentelemetry-instrument from configuring anything at all.
+
+    opentelemetry-distro sets OTEL_METRICS_EXPORTER and OTEL_LOGS_EXPORTER to ``otlp`` when they
+    are unset; without an OTLP exporter installed, the SDK's setup then fails as a whole (one
+    logged traceback), and no span reaches any exporter, ours included.
+    """
+    return [
+        f"{env} is unset: under opentelemetry-instrument it defaults to otlp, which is not "
+        f"installed, and then OpenTelemetry configures nothing; set {env}=none"
+        for env, group in (("OTEL_METRICS_EXPORTER", "opentelemetry_metrics_exporter"),
+                           ("OTEL_LOGS_EXPORTER", "opentelemetry_logs_exporter"))
+        if not os.environ.get(env, "").strip()
+        and not entry_points(group=group, name="otlp_proto_grpc")
+    ]
 
 
 def _shown(value: object, env: str, unit: str = "") -> str:
