@@ -94,11 +94,17 @@ class MetadataSpanProcessor(SpanProcessor):
         if config.is_plain_http_to_remote(s.base_url):
             _logger.warning("otel-metadata: %s is plain http to a remote host: the API key "
                             "would travel unencrypted; use https", s.base_url)
-        self._delivery = Delivery(s, self._stats, retry)
-        self._join = TraceJoin(self._delivery.submit, static=map_values(s.metadata, self._rules,
-                               self._stats), max_traces=s.max_traces,
-                               max_wait_s=s.max_trace_wait_s, stats=self._stats)
-        self._start_janitor()
+        try:
+            delivery = Delivery(s, self._stats, retry)
+            self._join = TraceJoin(delivery.submit, static=map_values(s.metadata, self._rules,
+                                   self._stats), max_traces=s.max_traces,
+                                   max_wait_s=s.max_trace_wait_s, stats=self._stats)
+            self._start_janitor()
+        except Exception:  # e.g. no thread can be started: stay inert, never break the app
+            _logger.warning("otel-metadata: could not start; no metadata will be sent",
+                            exc_info=True)
+            return
+        self._delivery = delivery
         ref = weakref.WeakMethod(self._after_fork)
         os.register_at_fork(after_in_child=lambda: (m := ref()) and m())
 
@@ -191,6 +197,8 @@ class MetadataSpanProcessor(SpanProcessor):
         """Post every held trace now, then wait for delivery: True if all of it was delivered."""
         if self._delivery is None:
             return True
+        if not isinstance(timeout_millis, (int, float)) or isinstance(timeout_millis, bool):
+            timeout_millis = 30000
         self._join.release_all()
         return self._delivery.force_flush(timeout_millis / 1000)
 
@@ -212,9 +220,7 @@ class MetadataSpanProcessor(SpanProcessor):
 
     def stats(self) -> dict[str, int]:
         """Counts of what happened: queued, delivered, retried, dropped.<reason>, ..."""
-        counts = dict.fromkeys(("queued", "posts", "delivered", "retried", "truncated_values",
-                                "dropped_keys", "ignored_request_ids"), 0)
-        counts.update(self._stats.snapshot())
+        counts = self._stats.snapshot()
         if self._delivery is not None:
             counts["held_traces"] = len(self._join)
         return counts
