@@ -20,8 +20,10 @@ from __future__ import annotations
 
 import threading
 import time
+from collections import OrderedDict
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from types import MappingProxyType
 
 from .mapping import RequestId
 from .stats import Stats
@@ -91,9 +93,16 @@ class TraceJoin:
         self._early: dict[int, _Trace] = {}
         self._lingering: dict[int, _Trace] = {}
 
+    # Local roots that ended while nothing else of their trace was known (trace ID -> when to
+    # forget, the root). They are remembered like a lingering trace (`max_wait_s`, and at most
+    # `max_traces` of them) but cheaply: most never see another span of their trace (a web
+    # handler span with `user.id` and no LLM call under it). A trace enters `_traces` only when
+    # another of its spans arrives. The instance's OrderedDict is made by `add` on first use.
+    _ended_roots: Mapping[int, tuple[float, SpanData]] = MappingProxyType({})
+
     def holds(self, trace_id: int) -> bool:
         """Whether spans of this trace must be recorded even when they carry nothing."""
-        return trace_id in self._traces
+        return trace_id in self._traces or trace_id in self._ended_roots
 
     def __len__(self) -> int:
         return len(self._traces)
@@ -101,22 +110,48 @@ class TraceJoin:
     def add(self, span: SpanData) -> None:
         """Record an ended span; post what became complete."""
         with self._lock:
-            trace = self._traces.get(span.trace_id)
-            if trace is None:
-                if span.local_root and span.request_id is None and self._full_of_open():
-                    return  # lingering for late request spans is best effort: never evict for it
-                trace = self._new_trace(span.trace_id)
-            trace.parents[span.span_id] = span.parent_id
-            if span.metadata:
-                trace.metadata[span.span_id] = span.metadata
-            if span.request_id is not None:
-                trace.requests[span.span_id] = span
-                if trace.phase is not self._waiting:
-                    self._post(trace, span)
-            if span.local_root:
-                trace.roots.append(span.span_id)
-                self._post_all(trace)
-                self._move(span.trace_id, trace, self._lingering, self._clock() + self._wait)
+            if span.trace_id not in self._traces:
+                roots = self._ended_roots
+                ended = roots.get(span.trace_id)
+                if ended is not None:  # its local root ended earlier: hold the trace from now on
+                    assert isinstance(roots, OrderedDict)
+                    del roots[span.trace_id]
+                    if ended[0] > self._clock():
+                        self._add(ended[1])
+                elif span.local_root and span.request_id is None:
+                    self._remember_root(span)
+                    return
+            self._add(span)
+
+    def _remember_root(self, span: SpanData) -> None:
+        roots = self._ended_roots
+        if not isinstance(roots, OrderedDict):
+            roots = self._ended_roots = OrderedDict()
+        now = self._clock()
+        while roots and next(iter(roots.values()))[0] <= now:
+            roots.popitem(last=False)
+        if len(roots) >= self._max_traces:
+            roots.popitem(last=False)
+            self._stats.add("traces_evicted")
+        roots[span.trace_id] = (now + self._wait, span)
+
+    def _add(self, span: SpanData) -> None:
+        trace = self._traces.get(span.trace_id)
+        if trace is None:
+            if span.local_root and span.request_id is None and self._full_of_open():
+                return  # lingering for late request spans is best effort: never evict for it
+            trace = self._new_trace(span.trace_id)
+        trace.parents[span.span_id] = span.parent_id
+        if span.metadata:
+            trace.metadata[span.span_id] = span.metadata
+        if span.request_id is not None:
+            trace.requests[span.span_id] = span
+            if trace.phase is not self._waiting:
+                self._post(trace, span)
+        if span.local_root:
+            trace.roots.append(span.span_id)
+            self._post_all(trace)
+            self._move(span.trace_id, trace, self._lingering, self._clock() + self._wait)
 
     def expire(self) -> float | None:
         """Post traces whose wait ran out and forget old ones; return when to call again."""
