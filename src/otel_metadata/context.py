@@ -10,6 +10,7 @@ from __future__ import annotations
 import functools
 import inspect
 import logging
+import os
 from collections.abc import Callable, Mapping
 from types import MappingProxyType, TracebackType
 from typing import Any, TypeVar, cast
@@ -22,6 +23,7 @@ from .mapping import METADATA_PREFIX, REQUEST_ID_ATTRIBUTE, check_request_id, st
 _logger = logging.getLogger("otel_metadata")
 
 _CONTEXT_KEY = create_key("otel_metadata.values")
+_warned_not_recording = False
 _EMPTY: Mapping[str, str] = MappingProxyType({})
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -37,11 +39,15 @@ def set_request_id(request_id: int | str, span: trace.Span | None = None) -> Non
     """
     check_request_id(request_id)
     target = span if span is not None else trace.get_current_span()
-    if not target.is_recording():
-        _logger.warning("otel-metadata: set_request_id(%r) found no recording span; "
-                        "the request will get no metadata", request_id)
+    if target.is_recording():
+        target.set_attribute(REQUEST_ID_ATTRIBUTE, request_id)
         return
-    target.set_attribute(REQUEST_ID_ATTRIBUTE, request_id)
+    global _warned_not_recording
+    if not _warned_not_recording and os.environ.get("OTEL_SDK_DISABLED", "").lower() != "true":
+        _warned_not_recording = True
+        _logger.warning("otel-metadata: set_request_id(%r) found no recording span, so that "
+                        "request gets no metadata (warned once; is tracing set up, and is the "
+                        "call inside a span?)", request_id)
 
 
 def context_values(context: Context | None = None) -> Mapping[str, str]:
