@@ -296,3 +296,78 @@ def test_memory_cap_posts_the_oldest_trace_early(server, make_pipeline) -> None:
     assert p.flush()
     assert server.metadata == {1: {"step": "s"}, 2: {"step": "s"}} | {
         rid: {"user_id": f"u{rid}", "step": "s"} for rid in (3, 4, 5)}
+
+
+def test_two_local_roots_in_one_trace_stay_apart(server, make_pipeline) -> None:
+    """An upstream calls this service twice in one trace: each request gets its own root only."""
+    p = make_pipeline()
+    upstream = PROPAGATOR.extract(
+        {"traceparent": "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"})
+    with p.tracer.start_as_current_span("POST /chat", context=upstream) as first:
+        first.set_attribute("user.id", "alice")
+        with p.tracer.start_as_current_span("llm"):
+            set_request_id(1)
+    with p.tracer.start_as_current_span("POST /summarize", context=upstream) as second:
+        second.set_attribute("promptlayer.metadata.route", "summarize")
+        with p.tracer.start_as_current_span("llm"):
+            set_request_id(2)
+    assert p.flush()
+    assert server.metadata == {1: {"user_id": "alice"}, 2: {"route": "summarize"}}
+
+
+def test_ancestors_that_ended_first_are_still_found(server, make_pipeline) -> None:
+    """Fire-and-forget: the agent and a plain span between it and the LLM call end first."""
+    p = make_pipeline()
+    root = p.tracer.start_span("handler")
+    root.set_attribute("user.id", "u")
+    with trace.use_span(root):
+        agent = p.tracer.start_span("agent")
+        agent.set_attribute("promptlayer.metadata.plan", "pro")
+        with trace.use_span(agent):
+            plain = p.tracer.start_span("background-task")
+            with trace.use_span(plain):
+                llm = p.tracer.start_span("llm")
+    plain.end()
+    agent.end()
+    set_request_id(1, llm)
+    llm.end()
+    root.end()
+    assert p.flush()
+    assert server.metadata == {1: {"user_id": "u", "plan": "pro"}}
+
+
+def test_a_log_handler_that_traces_cannot_deadlock_the_app(server, make_pipeline) -> None:
+    """Our warning (queue full) reaches a handler that makes a span inside the held trace."""
+    import logging
+
+    p = make_pipeline(max_queue_size=1, max_export_batch_size=1, max_concurrency=1)
+
+    class TracedHandler(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            with p.tracer.start_as_current_span("ship-log"):
+                pass
+
+    handler = TracedHandler()
+    logging.getLogger("otel_metadata").addHandler(handler)
+    server.gate = threading.Event()  # the server holds requests, so the queue stays full
+    finished = threading.Event()
+
+    def app() -> None:
+        root = p.tracer.start_span("session")
+        root.set_attribute("user.id", "u")
+        with trace.use_span(root):
+            root.end()  # ended but still current: later requests post at once, in this context
+            for rid in range(3):
+                with p.tracer.start_as_current_span("llm") as llm:
+                    llm.set_attribute("promptlayer.metadata.n", str(rid))
+                    set_request_id(rid)
+        finished.set()
+
+    try:
+        worker = threading.Thread(target=app, daemon=True)
+        worker.start()
+        assert finished.wait(10), "the app thread hung in span.end()"
+        assert p.processor.stats()["dropped.queue_full"] >= 1
+    finally:
+        logging.getLogger("otel_metadata").removeHandler(handler)
+        server.gate.set()

@@ -84,13 +84,14 @@ class Delivery:
 
     # -- the app's side: never blocks on the network --
 
-    def submit(self, request_id: RequestId, metadata: dict[str, str]) -> None:
-        """Queue a record; when it cannot be queued, count why (and warn once for overflow)."""
+    def submit(self, request_id: RequestId, metadata: dict[str, str]) -> bool:
+        """Queue a record: True if queued; otherwise count why (and warn once for overflow)."""
         if self._key_rejected:
             self._stats.add("dropped.unauthorized")
             self._queue.put_failed()
         elif self._queue.put(request_id, metadata):
             self._stats.add("queued")
+            return True
         elif self._shutdown:
             self._stats.add("dropped.shutdown")
         else:
@@ -99,6 +100,7 @@ class Delivery:
                                   "IDs); dropping new metadata, and counting further drops "
                                   "without logging. Raise OTEL_BSP_MAX_QUEUE_SIZE?",
                                   self._settings.max_queue_size)
+        return False
 
     def force_flush(self, timeout_s: float) -> bool:
         """True when everything submitted before the call was delivered within `timeout_s`."""

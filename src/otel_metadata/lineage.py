@@ -6,14 +6,17 @@ Strongest first: the request span's own attributes; its ancestors', nearer winni
 `metadata_context`/baggage values active when it started; resource attributes; static metadata.
 Siblings and cousins never contribute: only the parent chain is walked.
 
-A trace is held from its first relevant span until its local root ends (at most
-`max_wait_s`), then lingers `max_wait_s` more so a request span that ends after its root still
-finds its ancestors. What is learnt after a request was posted goes out as a follow-up carrying
-only keys not sent yet, or changed keys from a layer at least as strong as the one that sent them.
+A request is posted once its own local root (the first span up its chain whose parent is
+remote or absent) has ended, or after `max_wait_s`. One trace may have several local roots in a
+process (an upstream service calling this one twice): each request waits for its own root only,
+and gets nothing from the other's subtree. The trace then lingers `max_wait_s` more so a request
+span that ends after its root still finds its ancestors. What is learnt after a request was
+posted goes out as a follow-up carrying only keys not sent yet, or changed keys from a layer at
+least as strong as the one that sent them.
 
-Beware: links of spans that end before anything in their trace was relevant are not kept (that is
-what keeps unrelated traffic cheap). When such a gap breaks a request's parent chain, the trace's
-single local root is still used, since it is an ancestor of every local span of the trace.
+Parent links of spans that carry nothing and end before anything in their trace is held live in a
+small two-generation memory (`note_link`), so an ancestor that ended early is still found while
+it is remembered; beyond that a chain stops at the gap (nothing is guessed).
 """
 
 from __future__ import annotations
@@ -21,7 +24,8 @@ from __future__ import annotations
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass
 from types import MappingProxyType
 
@@ -35,7 +39,10 @@ _MAX_DEPTH = OWN - CONTEXT - 2
 _FOLLOWUP_HORIZON = 12
 _MIN_FOLLOWUP_HORIZON_S = 60.0
 
-Emit = Callable[[RequestId, dict[str, str]], None]
+# Emit returns False when the record was refused (queue full): its keys then count as unsent.
+Emit = Callable[[RequestId, dict[str, str]], bool]
+# Parent links remembered for spans outside held traces: two generations of this many each.
+_LINK_GENERATION = 50_000
 
 
 @dataclass(slots=True)
@@ -55,12 +62,14 @@ class SpanData:
 class _Trace:
     __slots__ = ("parents", "metadata", "requests", "sent", "roots", "phase", "due")
 
+    roots: set[int]
+
     def __init__(self, due: float) -> None:
         self.parents: dict[int, int | None] = {}
         self.metadata: dict[int, Mapping[str, str]] = {}
         self.requests: dict[int, SpanData] = {}
         self.sent: dict[RequestId, dict[str, tuple[str, int]]] = {}
-        self.roots: list[int] = []
+        self.roots = set()  # local roots of this trace that have ended
         self.phase: dict[int, _Trace] = {}  # which of the join's phase dicts holds it
         self.due = due
 
@@ -92,6 +101,9 @@ class TraceJoin:
         self._waiting: dict[int, _Trace] = {}
         self._early: dict[int, _Trace] = {}
         self._lingering: dict[int, _Trace] = {}
+        self._links: dict[int, int] = {}
+        self._old_links: dict[int, int] = {}
+        self._owner: int | None = None  # the thread inside the lock, to refuse re-entry
 
     # Local roots that ended while nothing else of their trace was known (trace ID -> when to
     # forget, the root). They are remembered like a lingering trace (`max_wait_s`, and at most
@@ -99,6 +111,13 @@ class TraceJoin:
     # handler span with `user.id` and no LLM call under it). A trace enters `_traces` only when
     # another of its spans arrives. The instance's OrderedDict is made by `add` on first use.
     _ended_roots: Mapping[int, tuple[float, SpanData]] = MappingProxyType({})
+
+    def note_link(self, span_id: int, parent_id: int) -> None:
+        """Remember the local parent of a span that was not added (lock-free, O(1))."""
+        links = self._links
+        links[span_id] = parent_id
+        if len(links) >= _LINK_GENERATION:
+            self._old_links, self._links = links, {}
 
     def holds(self, trace_id: int) -> bool:
         """Whether spans of this trace must be recorded even when they carry nothing."""
@@ -108,8 +127,14 @@ class TraceJoin:
         return len(self._traces)
 
     def add(self, span: SpanData) -> None:
-        """Record an ended span; post what became complete."""
-        with self._lock:
+        """Record an ended span; post what became complete.
+
+        A span that ends inside our own work on this thread (a log handler that traces, called
+        while we post) is skipped: it is our own telemetry, and waiting would deadlock.
+        """
+        if self._owner == threading.get_ident():
+            return
+        with self._locked():
             if span.trace_id not in self._traces:
                 roots = self._ended_roots
                 ended = roots.get(span.trace_id)
@@ -136,27 +161,43 @@ class TraceJoin:
         roots[span.trace_id] = (now + self._wait, span)
 
     def _add(self, span: SpanData) -> None:
-        trace = self._traces.get(span.trace_id)
+        tid = span.trace_id
+        trace = self._traces.get(tid)
         if trace is None:
             if span.local_root and span.request_id is None and self._full_of_open():
                 return  # lingering for late request spans is best effort: never evict for it
-            trace = self._new_trace(span.trace_id)
+            trace = self._new_trace(tid)
         trace.parents[span.span_id] = span.parent_id
         if span.metadata:
             trace.metadata[span.span_id] = span.metadata
         if span.request_id is not None:
             trace.requests[span.span_id] = span
-            if trace.phase is not self._waiting:
-                self._post(trace, span)
         if span.local_root:
-            trace.roots.append(span.span_id)
+            trace.roots.add(span.span_id)
+            self._settle(tid, trace)
+        elif span.request_id is not None:
+            if trace.phase is self._early or self._root_ended(trace, span):
+                self._post(trace, span)
+            elif trace.phase is self._lingering:  # under another, still open, local root
+                self._move(tid, trace, self._waiting, self._clock() + self._wait)
+
+    def _settle(self, tid: int, trace: _Trace) -> None:
+        """A local root ended: post its requests; linger once every request's root has ended."""
+        waiting = False
+        for request in trace.requests.values():
+            if self._root_ended(trace, request):
+                self._post(trace, request)
+            else:
+                waiting = True
+        if not waiting:
+            self._move(tid, trace, self._lingering, self._clock() + self._wait)
+        elif trace.phase is self._early:
             self._post_all(trace)
-            self._move(span.trace_id, trace, self._lingering, self._clock() + self._wait)
 
     def expire(self) -> float | None:
         """Post traces whose wait ran out and forget old ones; return when to call again."""
         now = self._clock()
-        with self._lock:
+        with self._locked():
             for tid, trace in _due(self._waiting, now):
                 self._post_all(trace)
                 self._move(tid, trace, self._early, trace.due - self._wait + self._horizon)
@@ -168,7 +209,7 @@ class TraceJoin:
 
     def release_all(self) -> None:
         """Post every held request now, root ended or not (for `force_flush` and shutdown)."""
-        with self._lock:
+        with self._locked():
             for tid, trace in list(self._waiting.items()):
                 self._post_all(trace)
                 self._move(tid, trace, self._early, trace.due - self._wait + self._horizon)
@@ -176,9 +217,40 @@ class TraceJoin:
     def clear(self) -> None:
         """Forget everything (a forked child: the parent posts what it held)."""
         self._lock = threading.Lock()
+        self._owner = None
         self._traces, self._waiting, self._early, self._lingering = {}, {}, {}, {}
+        self._links, self._old_links = {}, {}
+        self._ended_roots = MappingProxyType({})
+
+    @contextmanager
+    def _locked(self) -> Iterator[None]:
+        with self._lock:
+            self._owner = threading.get_ident()
+            try:
+                yield
+            finally:
+                self._owner = None
 
     # -- inside the lock --
+
+    def _parent(self, trace: _Trace, span_id: int) -> int | None:
+        """The known local parent of `span_id` (None: a root, or not known)."""
+        if span_id in trace.roots:
+            return None
+        if span_id in trace.parents:
+            return trace.parents[span_id]
+        return self._links.get(span_id, self._old_links.get(span_id))
+
+    def _root_ended(self, trace: _Trace, span: SpanData) -> bool:
+        """Whether the local root above `span` (or `span` itself) has ended."""
+        node: int | None = span.span_id
+        for _ in range(_MAX_DEPTH):
+            if node is None:
+                return False
+            if node in trace.roots:
+                return True
+            node = self._parent(trace, node)
+        return False
 
     def _new_trace(self, trace_id: int) -> _Trace:
         while len(self._traces) >= self._max_traces:
@@ -228,22 +300,18 @@ class TraceJoin:
         if out:
             if len(sent) > len(out):
                 self._stats.add("followups")
-            self._emit(span.request_id, out)
+            if not self._emit(span.request_id, out):
+                for key in out:  # refused: unsent, so a later post carries these keys again
+                    del sent[key]
 
     def _merge(self, trace: _Trace, span: SpanData) -> dict[str, tuple[str, int]]:
         layers: list[tuple[int, Mapping[str, str]]] = [(OWN, span.metadata)]
-        known = trace.parents
         parent = None if span.local_root else span.parent_id
         depth = 1
         while parent is not None and depth < _MAX_DEPTH:
-            if parent not in known:
-                # A gap in the chain: the single local root is an ancestor all the same.
-                if len(trace.roots) == 1 and trace.roots[0] in trace.metadata:
-                    layers.append((OWN - depth, trace.metadata[trace.roots[0]]))
-                break
             if parent in trace.metadata:
                 layers.append((OWN - depth, trace.metadata[parent]))
-            parent = None if parent in trace.roots else known[parent]
+            parent = self._parent(trace, parent)
             depth += 1
         if span.context:
             layers.append((CONTEXT, span.context))

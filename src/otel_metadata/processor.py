@@ -146,6 +146,10 @@ class MetadataSpanProcessor(SpanProcessor):
                 self._join.add(self._span_data(span, _relevant_items(attrs, self._rules), started))
             elif self._join.holds(ctx.trace_id):
                 self._join.add(self._span_data(span, None, started))
+            else:  # remembered in case a request below it ends later (a streamed response)
+                parent = span.parent
+                if parent is not None and not parent.is_remote:
+                    self._join.note_link(ctx.span_id, parent.span_id)
         except Exception:
             self._stats.add("errors")
             if self._stats.first("error", "on_end"):
