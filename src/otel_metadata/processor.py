@@ -203,8 +203,12 @@ class MetadataSpanProcessor(SpanProcessor):
             return True
         if not isinstance(timeout_millis, (int, float)) or isinstance(timeout_millis, bool):
             timeout_millis = 30000
-        self._join.release_all()
-        return self._delivery.force_flush(timeout_millis / 1000)
+        try:
+            self._join.release_all()
+            return self._delivery.force_flush(timeout_millis / 1000)
+        except Exception:  # the SDK calls this unguarded, from the app or the exit hook
+            _logger.exception("otel-metadata: force_flush failed")
+            return False
 
     def shutdown(self) -> None:
         """Flush (bounded by the export timeout), stop the threads; safe to call twice."""
@@ -212,8 +216,11 @@ class MetadataSpanProcessor(SpanProcessor):
             return
         self._is_shutdown = True
         self._janitor_stop.set()
-        self._join.release_all()
-        self._delivery.shutdown(self._settings.export_timeout_s)
+        try:
+            self._join.release_all()
+            self._delivery.shutdown(self._settings.export_timeout_s)
+        except Exception:  # never let our trouble break the provider's shutdown at exit
+            _logger.exception("otel-metadata: shutdown failed")
         counts = self.stats()
         trouble = {k: v for k, v in counts.items()
                    if k.startswith(("dropped", "rejected", "ignored", "truncated", "errors")) and v}

@@ -90,7 +90,7 @@ class RecordQueue:
             if len(self._pending) >= self._max_batch:
                 self._cond.notify_all()
             elif len(self._pending) == 1:
-                self._cond.notify()
+                self._cond.notify_all()  # flushers wait on it too: a lone notify could miss
             return True
 
     def put_failed(self) -> None:
