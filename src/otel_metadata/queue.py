@@ -87,9 +87,7 @@ class RecordQueue:
                 self._cond.notify_all()
                 return False
             self._pending[request_id] = Entry(request_id, dict(metadata), self._seq, self._clock())
-            if len(self._pending) >= self._max_batch:
-                self._cond.notify_all()
-            elif len(self._pending) == 1:
+            if len(self._pending) >= self._max_batch or len(self._pending) == 1:
                 self._cond.notify_all()  # flushers wait on it too: a lone notify could miss
             return True
 
