@@ -132,21 +132,26 @@ class TraceJoin:
         A span that ends inside our own work on this thread (a log handler that traces, called
         while we post) is skipped: it is our own telemetry, and waiting would deadlock.
         """
-        if self._owner == threading.get_ident():
+        me = threading.get_ident()
+        if self._owner == me:
             return
-        with self._locked():
-            if span.trace_id not in self._traces:
-                roots = self._ended_roots
-                ended = roots.get(span.trace_id)
-                if ended is not None:  # its local root ended earlier: hold the trace from now on
-                    assert isinstance(roots, OrderedDict)
-                    del roots[span.trace_id]
-                    if ended[0] > self._clock():
-                        self._add(ended[1])
-                elif span.local_root and span.request_id is None:
-                    self._remember_root(span)
-                    return
-            self._add(span)
+        with self._lock:  # as `_locked()` does, without a generator on this hot path
+            self._owner = me
+            try:
+                if span.trace_id not in self._traces:
+                    roots = self._ended_roots
+                    ended = roots.get(span.trace_id)
+                    if ended is not None:  # its local root ended earlier: hold the trace now
+                        assert isinstance(roots, OrderedDict)
+                        del roots[span.trace_id]
+                        if ended[0] > self._clock():
+                            self._add(ended[1])
+                    elif span.local_root and span.request_id is None:
+                        self._remember_root(span)
+                        return
+                self._add(span)
+            finally:
+                self._owner = None
 
     def _remember_root(self, span: SpanData) -> None:
         roots = self._ended_roots
