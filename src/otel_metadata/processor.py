@@ -9,6 +9,7 @@ import weakref
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+from opentelemetry.attributes import BoundedAttributes
 from opentelemetry.baggage import _BAGGAGE_KEY
 from opentelemetry.context import Context, get_current
 from opentelemetry.sdk.resources import Resource
@@ -143,7 +144,12 @@ class MetadataSpanProcessor(SpanProcessor):
             # A SpanContext is a tuple (trace_id, span_id, is_remote, ...), as its API type says:
             # indexing it here saves a Python property call per field read, on every span.
             started = self._started.pop(ctx[1], None) if self._started else None
-            attrs = span.attributes
+            # The public `span.attributes` wraps the SDK's BoundedAttributes, whose iteration runs
+            # in Python, in a MappingProxy. The span has ended, so the plain dict inside it holds
+            # the same items and no longer changes; reading it makes the relevance test about 3x
+            # cheaper. Anything else (another SDK version) takes the public property.
+            raw = getattr(span, "_attributes", None)
+            attrs = raw._dict if type(raw) is BoundedAttributes else span.attributes
             if attrs and self._rules.is_relevant(attrs):
                 self._join.add(self._span_data(span, _relevant_items(attrs, self._rules), started))
             elif self._join.holds(ctx[0]):
