@@ -64,8 +64,13 @@ def summary(results: dict[str, Any]) -> list[str]:
     mem = results.get("bench_memory.py")
     if mem:
         for name, c in mem["cases"].items():
-            lines.append(f"memory ({name}, {mem['traces']} traces): "
-                         f"{c['bytes_per_trace']:.0f} bytes per trace over a bare provider")
+            if name == "plain traffic":
+                lines.append(f"memory ({name}, {c['traces']} traces carrying nothing for us): "
+                             f"{c['ours_delta_mib'] - c['bare_delta_mib']:.1f} MiB in all over a "
+                             f"bare provider (remembered parent links)")
+            else:
+                lines.append(f"memory ({name}, {c['traces']} traces): "
+                             f"{c['bytes_per_trace']:.0f} bytes per trace over a bare provider")
     return lines
 
 
