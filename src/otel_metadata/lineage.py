@@ -109,7 +109,8 @@ class TraceJoin:
     # forget, the root). They are remembered like a lingering trace (`max_wait_s`, and at most
     # `max_traces` of them) but cheaply: most never see another span of their trace (a web
     # handler span with `user.id` and no LLM call under it). A trace enters `_traces` only when
-    # another of its spans arrives. The instance's OrderedDict is made by `add` on first use.
+    # another of its spans arrives. Past its wait a root is never used, and it is dropped within
+    # 64 newer ones (or as the oldest when full). The OrderedDict is made by `add` on first use.
     _ended_roots: Mapping[int, tuple[float, SpanData]] = MappingProxyType({})
 
     def note_link(self, span_id: int, parent_id: int) -> None:
@@ -121,7 +122,10 @@ class TraceJoin:
 
     def holds(self, trace_id: int) -> bool:
         """Whether spans of this trace must be recorded even when they carry nothing."""
-        return trace_id in self._traces or trace_id in self._ended_roots
+        if trace_id in self._traces:
+            return True
+        ended = self._ended_roots.get(trace_id)
+        return ended is not None and ended[0] > self._clock()
 
     def __len__(self) -> int:
         return len(self._traces)
@@ -158,11 +162,12 @@ class TraceJoin:
         if not isinstance(roots, OrderedDict):
             roots = self._ended_roots = OrderedDict()
         now = self._clock()
-        while roots and next(iter(roots.values()))[0] <= now:
-            roots.popitem(last=False)
-        if len(roots) >= self._max_traces:
-            roots.popitem(last=False)
-            self._stats.add("traces_evicted")
+        if len(roots) >= self._max_traces:  # full: the oldest goes, early if it is not due
+            if roots.popitem(last=False)[1][0] > now:
+                self._stats.add("traces_evicted")
+        elif not len(roots) & 63:  # now and then, forget the roots whose wait is over
+            while roots and next(iter(roots.values()))[0] <= now:
+                roots.popitem(last=False)
         roots[span.trace_id] = (now + self._wait, span)
 
     def _add(self, span: SpanData) -> None:
