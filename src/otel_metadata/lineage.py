@@ -27,7 +27,6 @@ from collections import OrderedDict
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
-from types import MappingProxyType
 
 from .mapping import RequestId
 from .stats import Stats
@@ -42,7 +41,7 @@ _MIN_FOLLOWUP_HORIZON_S = 60.0
 # Emit returns False when the record was refused (queue full): its keys then count as unsent.
 Emit = Callable[[RequestId, dict[str, str]], bool]
 # Parent links remembered for spans outside held traces: two generations of this many each.
-_LINK_GENERATION = 50_000
+_LINK_GENERATION = 16_384
 
 
 @dataclass(slots=True)
@@ -104,14 +103,13 @@ class TraceJoin:
         self._links: dict[int, int] = {}
         self._old_links: dict[int, int] = {}
         self._owner: int | None = None  # the thread inside the lock, to refuse re-entry
-
-    # Local roots that ended while nothing else of their trace was known (trace ID -> when to
-    # forget, the root). They are remembered like a lingering trace (`max_wait_s`, and at most
-    # `max_traces` of them) but cheaply: most never see another span of their trace (a web
-    # handler span with `user.id` and no LLM call under it). A trace enters `_traces` only when
-    # another of its spans arrives. Past its wait a root is never used, and it is dropped within
-    # 64 newer ones (or as the oldest when full). The OrderedDict is made by `add` on first use.
-    _ended_roots: Mapping[int, tuple[float, SpanData]] = MappingProxyType({})
+        # Local roots that ended while nothing else of their trace was known (trace ID -> when
+        # to forget, the root). Remembered like a lingering trace (`max_wait_s`, at most
+        # `max_traces`) but cheaply: most never see another span of their trace (a web handler
+        # span with `user.id` and no LLM call under it). A trace enters `_traces` only when
+        # another of its spans arrives. Past its wait a root is never used, and it is dropped
+        # within 64 newer ones (or as the oldest when full).
+        self._ended_roots: OrderedDict[int, tuple[float, SpanData]] = OrderedDict()
 
     def note_link(self, span_id: int, parent_id: int) -> None:
         """Remember the local parent of a span that was not added (lock-free, O(1))."""
@@ -146,7 +144,6 @@ class TraceJoin:
                     roots = self._ended_roots
                     ended = roots.get(span.trace_id)
                     if ended is not None:  # its local root ended earlier: hold the trace now
-                        assert isinstance(roots, OrderedDict)
                         del roots[span.trace_id]
                         if ended[0] > self._clock():
                             self._add(ended[1])
@@ -159,8 +156,6 @@ class TraceJoin:
 
     def _remember_root(self, span: SpanData) -> None:
         roots = self._ended_roots
-        if not isinstance(roots, OrderedDict):
-            roots = self._ended_roots = OrderedDict()
         now = self._clock()
         if len(roots) >= self._max_traces:  # full: the oldest goes, early if it is not due
             if roots.popitem(last=False)[1][0] > now:
@@ -230,7 +225,7 @@ class TraceJoin:
         self._owner = None
         self._traces, self._waiting, self._early, self._lingering = {}, {}, {}, {}
         self._links, self._old_links = {}, {}
-        self._ended_roots = MappingProxyType({})
+        self._ended_roots = OrderedDict()
 
     @contextmanager
     def _locked(self) -> Iterator[None]:
