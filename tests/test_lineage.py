@@ -371,3 +371,22 @@ def test_a_log_handler_that_traces_cannot_deadlock_the_app(server, make_pipeline
     finally:
         logging.getLogger("otel_metadata").removeHandler(handler)
         server.gate.set()
+
+
+def test_keys_of_a_post_given_up_on_travel_again_in_the_follow_up(server, make_pipeline) -> None:
+    """An early post fails until its export timeout; the root's follow-up repairs it."""
+    from otel_metadata import RetryPolicy
+    from otel_metadata.server import Faults
+
+    server.faults = Faults(first=(503,) * 6)
+    p = make_pipeline(export_timeout_millis=200, retry=RetryPolicy(0.05, 0.05))
+    root = p.tracer.start_span("session")
+    with trace.use_span(root), p.tracer.start_as_current_span("llm") as llm:
+        llm.set_attribute("promptlayer.metadata.step", "1")
+        set_request_id(1)
+    assert p.flush() is False  # released early, then given up on after 503s
+    assert server.metadata == {}
+    root.set_attribute("user.id", "u")
+    root.end()
+    assert p.flush()
+    assert server.metadata == {1: {"step": "1", "user_id": "u"}}

@@ -49,6 +49,8 @@ class Delivery:
     ) -> None:
         assert settings.api_key is not None
         self._settings = settings
+        # Told of every record given up on (not for a 401: nothing is sent after that anyway).
+        self.on_drop: Callable[[RequestId, dict[str, str]], None] | None = None
         self._stats = stats
         self._retry = retry or RetryPolicy()
         self._clock = clock
@@ -134,6 +136,9 @@ class Delivery:
                 _logger.error("otel-metadata: unexpected error delivering a record:\n%s",
                               self._transport.redact("".join(traceback.format_exception(exc))))
                 fate = "dropped.error"
+            if fate != "delivered" and self.on_drop is not None:
+                # Before `done`, so a flush that sees the failure also sees its keys unsent.
+                self.on_drop(entry.request_id, entry.metadata)
             queue.done(entry, fate == "delivered", functools.partial(self._stats.add, fate))
 
     def _deliver(self, entry: Entry) -> str:

@@ -101,6 +101,7 @@ class TraceJoin:
         self._early: dict[int, _Trace] = {}
         self._lingering: dict[int, _Trace] = {}
         self._links: dict[int, int] = {}
+        self._sent_in: dict[RequestId, _Trace] = {}  # which held trace posted a request ID
         self._old_links: dict[int, int] = {}
         self._owner: int | None = None  # the thread inside the lock, to refuse re-entry
         # Local roots that ended while nothing else of their trace was known (trace ID -> when
@@ -110,6 +111,17 @@ class TraceJoin:
         # another of its spans arrives. Past its wait a root is never used, and it is dropped
         # within 64 newer ones (or as the oldest when full).
         self._ended_roots: OrderedDict[int, tuple[float, SpanData]] = OrderedDict()
+
+    def unsend(self, request_id: RequestId, metadata: Mapping[str, str]) -> None:
+        """A record was given up on: its keys count as unsent, so a follow-up carries them."""
+        if self._owner == threading.get_ident():
+            return
+        with self._locked():
+            trace = self._sent_in.get(request_id)
+            sent = trace.sent.get(request_id) if trace is not None else None
+            for key, value in metadata.items():
+                if sent is not None and key in sent and sent[key][0] == value:
+                    del sent[key]
 
     def note_link(self, span_id: int, parent_id: int) -> None:
         """Remember the local parent of a span that was not added (lock-free, O(1))."""
@@ -225,6 +237,7 @@ class TraceJoin:
         self._owner = None
         self._traces, self._waiting, self._early, self._lingering = {}, {}, {}, {}
         self._links, self._old_links = {}, {}
+        self._sent_in = {}
         self._ended_roots = OrderedDict()
 
     @contextmanager
@@ -285,6 +298,9 @@ class TraceJoin:
     def _forget(self, tid: int, trace: _Trace) -> None:
         trace.phase.pop(tid, None)
         self._traces.pop(tid, None)
+        for request_id in trace.sent:
+            if self._sent_in.get(request_id) is trace:
+                del self._sent_in[request_id]
 
     def _post_all(self, trace: _Trace) -> None:
         for span in trace.requests.values():
@@ -294,6 +310,7 @@ class TraceJoin:
         assert span.request_id is not None
         merged = self._merge(trace, span)
         sent = trace.sent.setdefault(span.request_id, {})
+        self._sent_in[span.request_id] = trace
         out: dict[str, str] = {}
         for key, (value, strength) in merged.items():
             before = sent.get(key)

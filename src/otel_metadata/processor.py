@@ -105,6 +105,7 @@ class MetadataSpanProcessor(SpanProcessor):
             _logger.warning("otel-metadata: could not start; no metadata will be sent",
                             exc_info=True)
             return
+        delivery.on_drop = self._join.unsend
         self._delivery = delivery
         ref = weakref.WeakMethod(self._after_fork)
         os.register_at_fork(after_in_child=lambda: (m := ref()) and m())
