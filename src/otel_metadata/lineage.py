@@ -96,12 +96,13 @@ class TraceJoin:
         self._lock = threading.Lock()
         self._traces: dict[int, _Trace] = {}
         # Phases, each in the order its `due` times grow: waiting for the root; posted early
-        # and still waiting for the root; root ended and lingering.
-        self._waiting: dict[int, _Trace] = {}
-        self._early: dict[int, _Trace] = {}
-        self._lingering: dict[int, _Trace] = {}
-        self._links: dict[int, int] = {}
+        # and still waiting for the root; root ended and lingering. OrderedDicts: their oldest
+        # entry is found in O(1) however many were removed before it (a plain dict's is not).
+        self._waiting: OrderedDict[int, _Trace] = OrderedDict()
+        self._early: OrderedDict[int, _Trace] = OrderedDict()
+        self._lingering: OrderedDict[int, _Trace] = OrderedDict()
         self._sent_in: dict[RequestId, _Trace] = {}  # which held trace posted a request ID
+        self._links: dict[int, int] = {}
         self._old_links: dict[int, int] = {}
         self._owner: int | None = None  # the thread inside the lock, to refuse re-entry
         # Local roots that ended while nothing else of their trace was known (trace ID -> when
@@ -206,10 +207,10 @@ class TraceJoin:
                 self._post(trace, request)
             else:
                 waiting = True
+                if trace.phase is self._early:  # past its wait: posted with what is known
+                    self._post(trace, request)
         if not waiting:
             self._move(tid, trace, self._lingering, self._clock() + self._wait)
-        elif trace.phase is self._early:
-            self._post_all(trace)
 
     def expire(self) -> float | None:
         """Post traces whose wait ran out and forget old ones; return when to call again."""
@@ -235,7 +236,8 @@ class TraceJoin:
         """Forget everything (a forked child: the parent posts what it held)."""
         self._lock = threading.Lock()
         self._owner = None
-        self._traces, self._waiting, self._early, self._lingering = {}, {}, {}, {}
+        self._traces = {}
+        self._waiting, self._early, self._lingering = OrderedDict(), OrderedDict(), OrderedDict()
         self._links, self._old_links = {}, {}
         self._sent_in = {}
         self._ended_roots = OrderedDict()

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import threading
 import time
+from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -62,7 +63,8 @@ class RecordQueue:
         self._delay = delay_s
         self._clock = clock
         self._cond = threading.Condition(threading.Lock())
-        self._pending: dict[RequestId, Entry] = {}
+        # In enqueue order; an OrderedDict finds its oldest entry in O(1) after many removals.
+        self._pending: OrderedDict[RequestId, Entry] = OrderedDict()
         self._inflight: dict[RequestId, Entry] = {}
         self._seq = 0
         self._flush_to = 0
