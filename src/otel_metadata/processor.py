@@ -175,25 +175,17 @@ class MetadataSpanProcessor(SpanProcessor):
         rules, stats = self._rules, self._stats
         metadata = map_attributes(attrs, rules, stats) if attrs else {}
         request_id = request_id_of(attrs, rules.request_id_attributes, stats) if attrs else None
-        if request_id is None:  # the common case: positional, as SpanData's fields are ordered
-            return SpanData(ctx.trace_id, ctx.span_id,
-                            parent.span_id if parent is not None else None,
-                            parent is None or parent.is_remote, metadata)
-        context_md = None
-        if started is not None:
-            values, bag = started
-            context_md = map_attributes(bag, rules, stats) if bag else {}
-            context_md.update(map_values(values or {}, rules, stats))  # context beats baggage
-        return SpanData(
-            trace_id=ctx.trace_id,
-            span_id=ctx.span_id,
-            parent_id=parent.span_id if parent is not None else None,
-            local_root=parent is None or parent.is_remote,
-            metadata=metadata,
-            request_id=request_id,
-            context=context_md,
-            resource=self._map_resource(span.resource),
-        )
+        context_md = resource = None
+        if request_id is not None:  # only a request span needs its start context and resource
+            if started is not None:
+                values, bag = started
+                context_md = map_attributes(bag, rules, stats) if bag else {}
+                context_md.update(map_values(values or {}, rules, stats))  # context beats baggage
+            resource = self._map_resource(span.resource)
+        # Positional, in SpanData's field order: keywords cost more on this path.
+        return SpanData(ctx.trace_id, ctx.span_id, parent.span_id if parent is not None else None,
+                        parent is None or parent.is_remote, metadata, request_id, context_md,
+                        resource)
 
     def _map_resource(self, resource: Resource | None) -> Mapping[str, str]:
         if resource is None:
