@@ -49,7 +49,7 @@ class Delivery:
     ) -> None:
         assert settings.api_key is not None
         self._settings = settings
-        # Told of every record given up on (not for a 401: nothing is sent after that anyway).
+        # Told of every record given up on, so the lineage join counts its keys as unsent.
         self.on_drop: Callable[[RequestId, dict[str, str]], None] | None = None
         self._stats = stats
         self._retry = retry or RetryPolicy()
