@@ -135,3 +135,19 @@ def test_any_attributes_give_bounded_str_to_str_of_mapped_keys_only(attrs, limit
 @given(st.lists(st.one_of(st.integers(), st.text(), st.booleans()), max_size=5))
 def test_arrays_become_json_arrays(values) -> None:
     assert json.loads(stringify(values) or "null") == values
+
+
+@given(st.lists(st.dictionaries(st.one_of(attribute_keys, st.just("app.tenant")), st.just(1),
+                                 max_size=6), max_size=8))
+def test_names_learnt_as_irrelevant_never_change_the_answer(spans) -> None:
+    learning = MappingRules(extra_attributes={"app.tenant": "tenant"})
+    for attrs in spans + spans:  # each seen twice: the second time after learning
+        fresh = MappingRules(extra_attributes={"app.tenant": "tenant"})
+        assert learning.is_relevant(attrs) == fresh.is_relevant(attrs)
+
+
+def test_a_learnt_name_beside_a_relevant_one_is_still_relevant() -> None:
+    rules = MappingRules()
+    assert not rules.is_relevant({"http.route": "/chat", "url.path": "/chat"})
+    assert rules.is_relevant({"http.route": "/chat", "user.id": "u"})
+    assert rules.is_relevant({"url.path": "/chat", "promptlayer.metadata.plan": "pro"})

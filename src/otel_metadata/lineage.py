@@ -131,6 +131,10 @@ class TraceJoin:
         if len(links) >= _LINK_GENERATION:
             self._old_links, self._links = links, {}
 
+    def may_hold(self, trace_id: int) -> bool:
+        """Whether `holds` may be true: a cheaper test (a remembered root may be past its wait)."""
+        return trace_id in self._traces or trace_id in self._ended_roots
+
     def holds(self, trace_id: int) -> bool:
         """Whether spans of this trace must be recorded even when they carry nothing."""
         if trace_id in self._traces:

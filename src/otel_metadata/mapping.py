@@ -16,6 +16,9 @@ from .stats import Stats
 METADATA_PREFIX = "promptlayer.metadata."
 REQUEST_ID_ATTRIBUTE = "promptlayer.request_id"
 MAX_KEY_LENGTH = 1024
+# Attribute names `MappingRules.is_relevant` remembers as irrelevant: a bound for apps that put
+# IDs in attribute names (``llm.prompts.<n>.content``); past it, new names take the full test.
+MAX_LEARNT_NAMES = 4096
 
 # (attribute, metadata key), strongest last within each tuple group: see `map_attributes`.
 STANDARD: tuple[tuple[str, str], ...] = (
@@ -39,6 +42,8 @@ class MappingRules:
     max_value_length: int = 1024
     # Exact attribute names that matter; a span with none of them and no prefixed key is skipped.
     relevant: frozenset[str] = field(init=False)
+    # Names seen on spans that carried nothing for us (learnt by `is_relevant`, up to a bound).
+    irrelevant: set[str] = field(init=False, default_factory=set, compare=False)
 
     def __post_init__(self) -> None:
         names = {a for a, _ in STANDARD + FALLBACK}
@@ -46,13 +51,21 @@ class MappingRules:
         object.__setattr__(self, "relevant", frozenset(names))
 
     def is_relevant(self, attributes: Mapping[str, Any]) -> bool:
-        """Cheap test whether `attributes` could yield metadata or a request ID."""
-        keys = tuple(attributes)  # iterate once: the SDK's attribute mapping iterates in Python
-        if not keys:
+        """Cheap test whether `attributes` could yield metadata or a request ID.
+
+        Most spans carry nothing for us, and their attribute names repeat (semantic conventions):
+        once learnt, such a span is told by one set test in C. Only names of spans found
+        irrelevant are learnt, so a learnt name can never hide a relevant one.
+        """
+        known = self.irrelevant
+        if known.issuperset(attributes):
             return False
-        if not self.relevant.isdisjoint(keys):
+        keys = tuple(attributes)  # iterate once: the SDK's attribute mapping iterates in Python
+        if not self.relevant.isdisjoint(keys) or METADATA_PREFIX in "\0".join(keys):
             return True
-        return METADATA_PREFIX in "\0".join(keys)
+        if len(known) < MAX_LEARNT_NAMES:
+            known.update(keys)
+        return False
 
 
 def stringify(value: object) -> str | None:

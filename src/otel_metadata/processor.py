@@ -5,7 +5,9 @@ from __future__ import annotations
 import logging
 import os
 import threading
+import time
 import weakref
+from collections import deque
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -33,6 +35,12 @@ _logger = logging.getLogger("otel_metadata")
 
 # Spans started inside a metadata_context/baggage but never ended must not grow memory forever.
 _MAX_STARTED = 100_000
+# Ended spans handed to the worker and not joined yet, past which on_end joins them itself.
+_MAX_INBOX = 16_384
+
+# What on_end hands the worker: trace ID, span ID, parent context, the span's attributes (None
+# when they hold nothing for us), its start context values and baggage, its resource.
+_Item = tuple[int, int, Any, Any, Any, Any]
 
 
 class MetadataSpanProcessor(SpanProcessor):
@@ -78,6 +86,7 @@ class MetadataSpanProcessor(SpanProcessor):
         )
         self._stats = Stats()
         self._rules = MappingRules(s.request_id_attributes, s.extra_attributes, s.max_value_length)
+        self._irrelevant = self._rules.irrelevant
         self._resource: Resource | None = None
         self._resource_metadata: Mapping[str, str] = {}
         self._baggage_seen: object = None
@@ -85,6 +94,9 @@ class MetadataSpanProcessor(SpanProcessor):
         self._started: dict[int, tuple[Any, Any]] = {}
         self._is_shutdown = False
         self._delivery: Delivery | None = None
+        self._inbox: deque[_Item] = deque()
+        self._drain_lock = threading.Lock()
+        self._wake = threading.Event()
         if s.disabled:
             _logger.info("otel-metadata: OTEL_SDK_DISABLED=true; metadata processor inert")
             return
@@ -100,7 +112,7 @@ class MetadataSpanProcessor(SpanProcessor):
             self._join = TraceJoin(delivery.submit, static=map_values(s.metadata, self._rules,
                                    self._stats), max_traces=s.max_traces,
                                    max_wait_s=s.max_trace_wait_s, stats=self._stats)
-            self._start_janitor()
+            self._start_worker()
         except Exception:  # e.g. no thread can be started: stay inert, never break the app
             _logger.warning("otel-metadata: could not start; no metadata will be sent",
                             exc_info=True)
@@ -140,52 +152,94 @@ class MetadataSpanProcessor(SpanProcessor):
         if self._delivery is None:
             return
         try:
-            ctx = span.context
-            assert ctx is not None
+            if type(span) is ReadableSpan:
+                # The SDK's own: its fields read directly, not through properties, and its
+                # attributes from the plain dict inside the SDK's BoundedAttributes, whose public
+                # face (a MappingProxy over a mapping that iterates in Python) makes the relevance
+                # test about 3x dearer. The span has ended, so that dict no longer changes (the
+                # worker may read it later).
+                ctx, parent, raw = span._context, span._parent, span._attributes
+                attrs = raw._dict if type(raw) is BoundedAttributes else (raw or {})
+            else:  # anything else (another SDK version, a wrapper) through the public API
+                ctx, parent, attrs = span.context, span.parent, span.attributes or {}
             # A SpanContext is a tuple (trace_id, span_id, is_remote, ...), as its API type says:
-            # indexing it here saves a Python property call per field read, on every span.
-            started = self._started.pop(ctx[1], None) if self._started else None
-            # The public `span.attributes` wraps the SDK's BoundedAttributes, whose iteration runs
-            # in Python, in a MappingProxy. The span has ended, so the plain dict inside it holds
-            # the same items and no longer changes; reading it makes the relevance test about 3x
-            # cheaper. Anything else (another SDK version) takes the public property.
-            raw = getattr(span, "_attributes", None)
-            attrs = raw._dict if type(raw) is BoundedAttributes else span.attributes
-            if attrs and self._rules.is_relevant(attrs):
-                self._join.add(self._span_data(span, _relevant_items(attrs, self._rules), started))
-            elif self._join.holds(ctx[0]):
-                self._join.add(self._span_data(span, None, started))
-            else:  # remembered in case a request below it ends later (a streamed response)
-                parent = span.parent
-                if parent is not None and not parent[2]:
-                    self._join.note_link(ctx[1], parent[1])
+            # indexing it saves a Python property call per field read, on every span.
+            trace_id, span_id = ctx[0], ctx[1]  # type: ignore[index]  # None: counted below
+            started = self._started.pop(span_id, None) if self._started else None
+            # Most spans carry nothing for us, and are told by one set test in C.
+            if not self._irrelevant.issuperset(attrs) and self._rules.is_relevant(attrs):
+                self._hand_off((trace_id, span_id, parent, attrs, started, span.resource))
+            elif self._inbox or self._join.may_hold(trace_id):
+                # Its trace may be held: the join must see it, after what was handed off before.
+                self._hand_off((trace_id, span_id, parent, None, None, None))
+            elif parent is not None and not parent[2]:
+                # Remembered in case a request below it ends later (a streamed response).
+                self._join.note_link(span_id, parent[1])
         except Exception:
-            self._stats.add("errors")
-            if self._stats.first("error", "on_end"):
-                _logger.warning("otel-metadata: could not read span %r; skipped",
-                                getattr(span, "name", "?"), exc_info=True)
+            self._error(span)
 
-    def _span_data(
-        self, span: ReadableSpan, attrs: Mapping[str, Any] | None,
-        started: tuple[Any, Any] | None,
-    ) -> SpanData:
+    def _error(self, span: object) -> None:
+        self._stats.add("errors")
+        if self._stats.first("error", "on_end"):
+            _logger.warning("otel-metadata: could not read span %r; skipped",
+                            getattr(span, "name", "?"), exc_info=True)
+
+    # -- the hand-off: on_end only appends; the worker maps and joins (SPEC §7: never block) --
+
+    def _hand_off(self, item: _Item) -> None:
+        inbox = self._inbox
+        inbox.append(item)
+        size = len(inbox)
+        if size == 1:
+            self._wake.set()
+        elif size >= _MAX_INBOX and self._drain_lock.acquire(blocking=False):
+            # The worker is not keeping up (or is gone): this thread feeds the join itself,
+            # rather than drop anything. Skipped while the worker is draining: it takes these too.
+            try:
+                self._drain_locked()
+            finally:
+                self._drain_lock.release()
+        if self._is_shutdown:  # no worker any more
+            self._drain()
+
+    def _drain(self) -> None:
+        """Feed the join everything handed off so far, in order."""
+        with self._drain_lock:
+            self._drain_locked()
+
+    def _drain_locked(self) -> None:
+        inbox, join = self._inbox, self._join
+        while inbox:
+            # Left in the inbox until joined, so on_end still sees that its trace may be held.
+            item = inbox[0]
+            trace_id, span_id, parent, attrs, started, resource = item
+            try:
+                if attrs is not None:
+                    join.add(self._span_data(item, _relevant_items(attrs, self._rules)))
+                elif join.holds(trace_id):
+                    join.add(self._span_data(item, None))
+                elif parent is not None and not parent[2]:
+                    join.note_link(span_id, parent[1])
+            except Exception:
+                self._error(item)
+            inbox.popleft()
+
+    def _span_data(self, item: _Item, attrs: Mapping[str, Any] | None) -> SpanData:
         """`attrs`: the span's relevant attributes (None when it has none)."""
-        ctx, parent = span.context, span.parent
-        assert ctx is not None
+        trace_id, span_id, parent, _, started, resource = item
         rules, stats = self._rules, self._stats
         metadata = map_attributes(attrs, rules, stats) if attrs else {}
         request_id = request_id_of(attrs, rules.request_id_attributes, stats) if attrs else None
-        context_md = resource = None
+        context_md = resource_md = None
         if request_id is not None:  # only a request span needs its start context and resource
             if started is not None:
                 values, bag = started
                 context_md = map_attributes(bag, rules, stats) if bag else {}
                 context_md.update(map_values(values or {}, rules, stats))  # context beats baggage
-            resource = self._map_resource(span.resource)
-        # Positional, in SpanData's field order: keywords cost more on this path.
-        return SpanData(ctx.trace_id, ctx.span_id, parent.span_id if parent is not None else None,
+            resource_md = self._map_resource(resource)
+        return SpanData(trace_id, span_id, parent.span_id if parent is not None else None,
                         parent is None or parent.is_remote, metadata, request_id, context_md,
-                        resource)
+                        resource_md)
 
     def _map_resource(self, resource: Resource | None) -> Mapping[str, str]:
         if resource is None:
@@ -205,6 +259,7 @@ class MetadataSpanProcessor(SpanProcessor):
         if not isinstance(timeout_millis, (int, float)) or isinstance(timeout_millis, bool):
             timeout_millis = 30000
         try:
+            self._drain()
             self._join.release_all()
             return self._delivery.force_flush(timeout_millis / 1000)
         except Exception:  # the SDK calls this unguarded, from the app or the exit hook
@@ -216,8 +271,9 @@ class MetadataSpanProcessor(SpanProcessor):
         if self._delivery is None or self._is_shutdown:
             return
         self._is_shutdown = True
-        self._janitor_stop.set()
+        self._wake.set()  # the worker stops; what it left is joined here
         try:
+            self._drain()
             self._join.release_all()
             self._delivery.shutdown(self._settings.export_timeout_s)
         except Exception:  # never let our trouble break the provider's shutdown at exit
@@ -232,32 +288,45 @@ class MetadataSpanProcessor(SpanProcessor):
 
     def stats(self) -> dict[str, int]:
         """Counts of what happened: queued, delivered, retried, dropped.<reason>, ..."""
+        if self._delivery is not None:
+            self._drain()  # so the counts include every span ended before this call
         counts = self._stats.snapshot()
         if self._delivery is not None:
             counts["held_traces"] = len(self._join)
         return counts
 
-    # -- the janitor: posts traces whose root did not end within max_trace_wait --
+    # -- the worker: joins handed-off spans, posts traces whose root did not end in time --
 
-    def _start_janitor(self) -> None:
-        self._janitor_stop = threading.Event()
-        thread = threading.Thread(target=self._janitor, name="otel-metadata-janitor", daemon=True)
+    def _start_worker(self) -> None:
+        thread = threading.Thread(target=self._work, name="otel-metadata-lineage", daemon=True)
         thread.start()
 
-    def _janitor(self) -> None:
+    def _work(self) -> None:
         tick = min(0.5, max(0.01, self._settings.max_trace_wait_s / 10))
-        while not self._janitor_stop.wait(tick):
+        next_expiry = time.monotonic() + tick
+        while True:
+            # Woken by the first span into an empty inbox, else when expiry is due.
+            self._wake.wait(max(0.0, next_expiry - time.monotonic()))
+            self._wake.clear()
+            if self._is_shutdown:
+                return
             try:
-                self._join.expire()
+                self._drain()
+                if time.monotonic() >= next_expiry:
+                    self._join.expire()
+                    next_expiry = time.monotonic() + tick
             except Exception:
-                _logger.exception("otel-metadata: lineage janitor failed")
+                _logger.exception("otel-metadata: lineage worker failed")
 
     def _after_fork(self) -> None:
         if self._is_shutdown:
             return
         self._started = {}
+        self._inbox = deque()  # the parent joins what it handed off
+        self._drain_lock = threading.Lock()
+        self._wake = threading.Event()
         self._join.clear()
-        self._start_janitor()
+        self._start_worker()
 
 
 def _relevant_items(attrs: Mapping[str, Any], rules: MappingRules) -> dict[str, Any]:
