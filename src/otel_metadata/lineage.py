@@ -41,7 +41,7 @@ _MIN_FOLLOWUP_HORIZON_S = 60.0
 # Emit returns False when the record was refused (queue full): its keys then count as unsent.
 Emit = Callable[[RequestId, dict[str, str]], bool]
 # Parent links remembered for spans outside held traces: two generations of this many each.
-_LINK_GENERATION = 16_384
+LINK_GENERATION = 16_384
 
 
 @dataclass(slots=True)
@@ -94,7 +94,10 @@ class TraceJoin:
         self._stats = stats
         self._clock = clock
         self._lock = threading.Lock()
-        self._traces: dict[int, _Trace] = {}
+        # `traces`, `ended_roots` and `links` are read (and `links` written) without the lock by
+        # the processor's on_end, on the app's thread: single dict operations, atomic under the
+        # GIL, for the spans that carry nothing (most of them), which are not worth a call here.
+        self.traces: dict[int, _Trace] = {}
         # Phases, each in the order its `due` times grow: waiting for the root; posted early
         # and still waiting for the root; root ended and lingering. OrderedDicts: their oldest
         # entry is found in O(1) however many were removed before it (a plain dict's is not).
@@ -102,7 +105,7 @@ class TraceJoin:
         self._early: OrderedDict[int, _Trace] = OrderedDict()
         self._lingering: OrderedDict[int, _Trace] = OrderedDict()
         self._sent_in: dict[RequestId, _Trace] = {}  # which held trace posted a request ID
-        self._links: dict[int, int] = {}
+        self.links: dict[int, int] = {}
         self._old_links: dict[int, int] = {}
         self._owner: int | None = None  # the thread inside the lock, to refuse re-entry
         # Local roots that ended while nothing else of their trace was known (trace ID -> when
@@ -111,7 +114,7 @@ class TraceJoin:
         # span with `user.id` and no LLM call under it). A trace enters `_traces` only when
         # another of its spans arrives. Past its wait a root is never used, and it is dropped
         # within 64 newer ones (or as the oldest when full).
-        self._ended_roots: OrderedDict[int, tuple[float, SpanData]] = OrderedDict()
+        self.ended_roots: OrderedDict[int, tuple[float, SpanData]] = OrderedDict()
 
     def unsend(self, request_id: RequestId, metadata: Mapping[str, str]) -> None:
         """A record was given up on: its keys count as unsent, so a follow-up carries them."""
@@ -126,24 +129,24 @@ class TraceJoin:
 
     def note_link(self, span_id: int, parent_id: int) -> None:
         """Remember the local parent of a span that was not added (lock-free, O(1))."""
-        links = self._links
+        links = self.links
         links[span_id] = parent_id
-        if len(links) >= _LINK_GENERATION:
-            self._old_links, self._links = links, {}
+        if len(links) >= LINK_GENERATION:
+            self.new_link_generation()
 
-    def may_hold(self, trace_id: int) -> bool:
-        """Whether `holds` may be true: a cheaper test (a remembered root may be past its wait)."""
-        return trace_id in self._traces or trace_id in self._ended_roots
+    def new_link_generation(self) -> None:
+        """The current links become the old generation; the oldest are forgotten."""
+        self._old_links, self.links = self.links, {}
 
     def holds(self, trace_id: int) -> bool:
         """Whether spans of this trace must be recorded even when they carry nothing."""
-        if trace_id in self._traces:
+        if trace_id in self.traces:
             return True
-        ended = self._ended_roots.get(trace_id)
+        ended = self.ended_roots.get(trace_id)
         return ended is not None and ended[0] > self._clock()
 
     def __len__(self) -> int:
-        return len(self._traces)
+        return len(self.traces)
 
     def add(self, span: SpanData) -> None:
         """Record an ended span; post what became complete.
@@ -157,8 +160,8 @@ class TraceJoin:
         with self._lock:  # as `_locked()` does, without a generator on this hot path
             self._owner = me
             try:
-                if span.trace_id not in self._traces:
-                    roots = self._ended_roots
+                if span.trace_id not in self.traces:
+                    roots = self.ended_roots
                     ended = roots.get(span.trace_id)
                     if ended is not None:  # its local root ended earlier: hold the trace now
                         del roots[span.trace_id]
@@ -172,7 +175,7 @@ class TraceJoin:
                 self._owner = None
 
     def _remember_root(self, span: SpanData) -> None:
-        roots = self._ended_roots
+        roots = self.ended_roots
         now = self._clock()
         if len(roots) >= self._max_traces:  # full: the oldest goes, early if it is not due
             if roots.popitem(last=False)[1][0] > now:
@@ -184,7 +187,7 @@ class TraceJoin:
 
     def _add(self, span: SpanData) -> None:
         tid = span.trace_id
-        trace = self._traces.get(tid)
+        trace = self.traces.get(tid)
         if trace is None:
             if span.local_root and span.request_id is None and self._full_of_open():
                 return  # lingering for late request spans is best effort: never evict for it
@@ -240,11 +243,11 @@ class TraceJoin:
         """Forget everything (a forked child: the parent posts what it held)."""
         self._lock = threading.Lock()
         self._owner = None
-        self._traces = {}
+        self.traces = {}
         self._waiting, self._early, self._lingering = OrderedDict(), OrderedDict(), OrderedDict()
-        self._links, self._old_links = {}, {}
+        self.links, self._old_links = {}, {}
         self._sent_in = {}
-        self._ended_roots = OrderedDict()
+        self.ended_roots = OrderedDict()
 
     @contextmanager
     def _locked(self) -> Iterator[None]:
@@ -263,7 +266,7 @@ class TraceJoin:
             return None
         if span_id in trace.parents:
             return trace.parents[span_id]
-        return self._links.get(span_id, self._old_links.get(span_id))
+        return self.links.get(span_id, self._old_links.get(span_id))
 
     def _root_ended(self, trace: _Trace, span: SpanData) -> bool:
         """Whether the local root above `span` (or `span` itself) has ended."""
@@ -277,16 +280,16 @@ class TraceJoin:
         return False
 
     def _new_trace(self, trace_id: int) -> _Trace:
-        while len(self._traces) >= self._max_traces:
+        while len(self.traces) >= self._max_traces:
             self._evict_oldest()
         trace = _Trace(self._clock() + self._wait)
         trace.phase = self._waiting
         self._waiting[trace_id] = trace
-        self._traces[trace_id] = trace
+        self.traces[trace_id] = trace
         return trace
 
     def _full_of_open(self) -> bool:
-        return len(self._traces) >= self._max_traces and not (self._lingering or self._early)
+        return len(self.traces) >= self._max_traces and not (self._lingering or self._early)
 
     def _evict_oldest(self) -> None:
         phase = self._lingering or self._early or self._waiting
@@ -303,7 +306,7 @@ class TraceJoin:
 
     def _forget(self, tid: int, trace: _Trace) -> None:
         trace.phase.pop(tid, None)
-        self._traces.pop(tid, None)
+        self.traces.pop(tid, None)
         for request_id in trace.sent:
             if self._sent_in.get(request_id) is trace:
                 del self._sent_in[request_id]

@@ -2,25 +2,28 @@
 
 from __future__ import annotations
 
+import contextvars
 import logging
 import os
 import threading
 import time
 import weakref
 from collections import deque
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
+from opentelemetry import context as otel_context
 from opentelemetry.attributes import BoundedAttributes
 from opentelemetry.baggage import _BAGGAGE_KEY
 from opentelemetry.context import Context, get_current
+from opentelemetry.context.contextvars_context import ContextVarsRuntimeContext
 from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace import ReadableSpan, Span, SpanProcessor
 
 from . import config
 from .context import _CONTEXT_KEY
 from .delivery import Delivery
-from .lineage import SpanData, TraceJoin
+from .lineage import LINK_GENERATION, SpanData, TraceJoin
 from .mapping import (
     METADATA_PREFIX,
     MappingRules,
@@ -134,7 +137,7 @@ class MetadataSpanProcessor(SpanProcessor):
         if self._delivery is None:
             return
         try:
-            ctx = get_current() if parent_context is None else parent_context
+            ctx = _current_context() if parent_context is None else parent_context
             values = ctx.get(_CONTEXT_KEY)
             bag = ctx.get(_BAGGAGE_KEY)
             if bag and bag is not self._baggage_seen:
@@ -169,12 +172,18 @@ class MetadataSpanProcessor(SpanProcessor):
             # Most spans carry nothing for us, and are told by one set test in C.
             if not self._irrelevant.issuperset(attrs) and self._rules.is_relevant(attrs):
                 self._hand_off((trace_id, span_id, parent, attrs, started, span.resource))
-            elif self._inbox or self._join.may_hold(trace_id):
+                return
+            join = self._join
+            if self._inbox or trace_id in join.traces or trace_id in join.ended_roots:
                 # Its trace may be held: the join must see it, after what was handed off before.
                 self._hand_off((trace_id, span_id, parent, None, None, None))
             elif parent is not None and not parent[2]:
-                # Remembered in case a request below it ends later (a streamed response).
-                self._join.note_link(span_id, parent[1])
+                # Remembered in case a request below it ends later (a streamed response); as
+                # `TraceJoin.note_link`, without a call.
+                links = join.links
+                links[span_id] = parent[1]
+                if len(links) >= LINK_GENERATION:
+                    join.new_link_generation()
         except Exception:
             self._error(span)
 
@@ -327,6 +336,23 @@ class MetadataSpanProcessor(SpanProcessor):
         self._wake = threading.Event()
         self._join.clear()
         self._start_worker()
+
+
+def _context_getter() -> Callable[[], Context]:
+    """`get_current`, without its two Python calls when the runtime context is the default one.
+
+    on_start reads the current context for every span; with OpenTelemetry's default runtime
+    context that is one context variable, read here directly (another runtime context, chosen
+    with OTEL_PYTHON_CONTEXT, goes through `get_current`).
+    """
+    runtime = getattr(otel_context, "_RUNTIME_CONTEXT", None)
+    var = getattr(runtime, "_current_context", None)
+    if type(runtime) is ContextVarsRuntimeContext and isinstance(var, contextvars.ContextVar):
+        return var.get
+    return get_current
+
+
+_current_context = _context_getter()
 
 
 def _relevant_items(attrs: Mapping[str, Any], rules: MappingRules) -> dict[str, Any]:
