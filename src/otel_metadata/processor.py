@@ -169,21 +169,28 @@ class MetadataSpanProcessor(SpanProcessor):
             # indexing it saves a Python property call per field read, on every span.
             trace_id, span_id = ctx[0], ctx[1]  # type: ignore[index]  # None: counted below
             started = self._started.pop(span_id, None) if self._started else None
+            inbox, join = self._inbox, self._join
+            item: _Item
             # Most spans carry nothing for us, and are told by one set test in C.
             if not self._irrelevant.issuperset(attrs) and self._rules.is_relevant(attrs):
-                self._hand_off((trace_id, span_id, parent, attrs, started, span.resource))
-                return
-            join = self._join
-            if self._inbox or trace_id in join.traces or trace_id in join.ended_roots:
+                item = (trace_id, span_id, parent, attrs, started, span.resource)
+            elif inbox or trace_id in join.traces or trace_id in join.ended_roots:
                 # Its trace may be held: the join must see it, after what was handed off before.
-                self._hand_off((trace_id, span_id, parent, None, None, None))
-            elif parent is not None and not parent[2]:
-                # Remembered in case a request below it ends later (a streamed response); as
-                # `TraceJoin.note_link`, without a call.
-                links = join.links
-                links[span_id] = parent[1]
-                if len(links) >= LINK_GENERATION:
-                    join.new_link_generation()
+                item = (trace_id, span_id, parent, None, None, None)
+            else:
+                if parent is not None and not parent[2]:
+                    # Remembered in case a request below it ends later (a streamed response);
+                    # as `TraceJoin.note_link` does, without a call.
+                    links = join.links
+                    links[span_id] = parent[1]
+                    if len(links) >= LINK_GENERATION:
+                        join.new_link_generation()
+                return
+            # Handed to the worker, which maps and joins it: on this thread, one append.
+            inbox.append(item)
+            size = len(inbox)
+            if size == 1 or size >= _MAX_INBOX or self._is_shutdown:
+                self._handed_off(size)
         except Exception:
             self._error(span)
 
@@ -195,21 +202,19 @@ class MetadataSpanProcessor(SpanProcessor):
 
     # -- the hand-off: on_end only appends; the worker maps and joins (SPEC §7: never block) --
 
-    def _hand_off(self, item: _Item) -> None:
-        inbox = self._inbox
-        inbox.append(item)
-        size = len(inbox)
-        if size == 1:
+    def _handed_off(self, size: int) -> None:
+        """After on_end's append, when the inbox was empty, is full, or nobody drains it."""
+        if self._is_shutdown:  # no worker any more
+            self._drain()
+        elif size == 1:
             self._wake.set()
-        elif size >= _MAX_INBOX and self._drain_lock.acquire(blocking=False):
+        elif self._drain_lock.acquire(blocking=False):
             # The worker is not keeping up (or is gone): this thread feeds the join itself,
             # rather than drop anything. Skipped while the worker is draining: it takes these too.
             try:
                 self._drain_locked()
             finally:
                 self._drain_lock.release()
-        if self._is_shutdown:  # no worker any more
-            self._drain()
 
     def _drain(self) -> None:
         """Feed the join everything handed off so far, in order."""
