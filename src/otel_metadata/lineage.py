@@ -114,7 +114,8 @@ class TraceJoin:
         # span with `user.id` and no LLM call under it). A trace enters `_traces` only when
         # another of its spans arrives. Past its wait a root is never used, and it is dropped
         # within 64 newer ones (or as the oldest when full).
-        self.ended_roots: OrderedDict[int, tuple[float, SpanData]] = OrderedDict()
+        self.ended_roots: OrderedDict[int, tuple[float, Callable[[], SpanData]]] = \
+            OrderedDict()
 
     def unsend(self, request_id: RequestId, metadata: Mapping[str, str]) -> None:
         """A record was given up on: its keys count as unsent, so a follow-up carries them."""
@@ -154,27 +155,51 @@ class TraceJoin:
         A span that ends inside our own work on this thread (a log handler that traces, called
         while we post) is skipped: it is our own telemetry, and waiting would deadlock.
         """
+        if span.local_root and span.request_id is None:
+            self.add_root(span.trace_id, lambda: span)
+            return
         me = threading.get_ident()
         if self._owner == me:
             return
-        with self._lock:  # as `_locked()` does, without a generator on this hot path
+        with self._lock:  # as `_locked()` does, without a generator on this path, once a span
             self._owner = me
             try:
                 if span.trace_id not in self.traces:
-                    roots = self.ended_roots
-                    ended = roots.get(span.trace_id)
-                    if ended is not None:  # its local root ended earlier: hold the trace now
-                        del roots[span.trace_id]
-                        if ended[0] > self._clock():
-                            self._add(ended[1])
-                    elif span.local_root and span.request_id is None:
-                        self._remember_root(span)
-                        return
+                    self._revive(span.trace_id)
                 self._add(span)
             finally:
                 self._owner = None
 
-    def _remember_root(self, span: SpanData) -> None:
+    def add_root(self, trace_id: int, make: Callable[[], SpanData]) -> None:
+        """A local root that is no request span ended; `make` gives its `SpanData`.
+
+        Most such traces hold nothing else (a web handler span with `user.id` and no LLM call
+        under it). Unless its trace is held, the root is remembered as `make`, which is called
+        only if another span of the trace arrives while it is remembered.
+        """
+        me = threading.get_ident()
+        if self._owner == me:
+            return
+        with self._lock:
+            self._owner = me
+            try:
+                if trace_id in self.traces or self._revive(trace_id):
+                    self._add(make())
+                else:
+                    self._remember_root(trace_id, make)
+            finally:
+                self._owner = None
+
+    def _revive(self, trace_id: int) -> bool:
+        """Hold the trace of a remembered root still in its wait; False if none is remembered."""
+        ended = self.ended_roots.pop(trace_id, None)
+        if ended is None:
+            return False
+        if ended[0] > self._clock():
+            self._add(ended[1]())
+        return True
+
+    def _remember_root(self, trace_id: int, make: Callable[[], SpanData]) -> None:
         roots = self.ended_roots
         now = self._clock()
         if len(roots) >= self._max_traces:  # full: the oldest goes, early if it is not due
@@ -183,7 +208,7 @@ class TraceJoin:
         elif not len(roots) & 63:  # now and then, forget the roots whose wait is over
             while roots and next(iter(roots.values()))[0] <= now:
                 roots.popitem(last=False)
-        roots[span.trace_id] = (now + self._wait, span)
+        roots[trace_id] = (now + self._wait, make)
 
     def _add(self, span: SpanData) -> None:
         tid = span.trace_id

@@ -10,6 +10,7 @@ import time
 import weakref
 from collections import deque
 from collections.abc import Callable, Mapping, Sequence
+from functools import partial
 from typing import Any
 
 from opentelemetry import context as otel_context
@@ -229,7 +230,13 @@ class MetadataSpanProcessor(SpanProcessor):
             trace_id, span_id, parent, attrs, started, resource = item
             try:
                 if attrs is not None:
-                    join.add(self._span_data(item, _relevant_items(attrs, self._rules)))
+                    attrs = _relevant_items(attrs, self._rules)
+                    if (parent is None or parent[2]) and self._rules.request_ids.isdisjoint(attrs):
+                        # Mapped only if another span of its trace arrives (most never do).
+                        bare = (trace_id, span_id, parent, None, None, None)
+                        join.add_root(trace_id, partial(self._span_data, bare, attrs))
+                    else:
+                        join.add(self._span_data(item, attrs))
                 elif join.holds(trace_id):
                     join.add(self._span_data(item, None))
                 elif parent is not None and not parent[2]:
@@ -366,5 +373,7 @@ def _relevant_items(attrs: Mapping[str, Any], rules: MappingRules) -> dict[str, 
     Mapping them gives the same result as mapping all of `attrs`, and a dict is much cheaper to
     probe than the SDK's attribute mapping (whose `in` raises and catches a KeyError per miss).
     """
-    relevant = rules.relevant
-    return {k: attrs[k] for k in attrs if k in relevant or k.startswith(METADATA_PREFIX)}
+    out = {k: attrs[k] for k in rules.relevant.intersection(attrs)}
+    if METADATA_PREFIX in "\0".join(attrs):
+        out.update((k, v) for k, v in attrs.items() if k.startswith(METADATA_PREFIX))
+    return out
