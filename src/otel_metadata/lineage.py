@@ -109,13 +109,13 @@ class TraceJoin:
         self._old_links: dict[int, int] = {}
         self._owner: int | None = None  # the thread inside the lock, to refuse re-entry
         # Local roots that ended while nothing else of their trace was known (trace ID -> when
-        # to forget, the root). Remembered like a lingering trace (`max_wait_s`, at most
+        # to forget, span ID, parent ID, metadata items). Remembered like a lingering trace (`max_wait_s`, at most
         # `max_traces`) but cheaply: most never see another span of their trace (a web handler
-        # span with `user.id` and no LLM call under it). A trace enters `_traces` only when
+        # span with `user.id` and no LLM call under it). A trace enters `traces` only when
         # another of its spans arrives. Past its wait a root is never used, and it is dropped
         # within 64 newer ones (or as the oldest when full).
-        self.ended_roots: OrderedDict[int, tuple[float, Callable[[], SpanData]]] = \
-            OrderedDict()
+        self.ended_roots: OrderedDict[
+            int, tuple[float, int, int | None, tuple[tuple[str, str], ...]]] = OrderedDict()
 
     def unsend(self, request_id: RequestId, metadata: Mapping[str, str]) -> None:
         """A record was given up on: its keys count as unsent, so a follow-up carries them."""
@@ -155,51 +155,27 @@ class TraceJoin:
         A span that ends inside our own work on this thread (a log handler that traces, called
         while we post) is skipped: it is our own telemetry, and waiting would deadlock.
         """
-        if span.local_root and span.request_id is None:
-            self.add_root(span.trace_id, lambda: span)
-            return
         me = threading.get_ident()
         if self._owner == me:
             return
         with self._lock:  # as `_locked()` does, without a generator on this path, once a span
             self._owner = me
             try:
-                if span.trace_id not in self.traces:
-                    self._revive(span.trace_id)
+                tid = span.trace_id
+                if tid not in self.traces:
+                    ended = self.ended_roots.pop(tid, None)
+                    if ended is not None:  # its local root ended earlier: hold the trace now
+                        due, span_id, parent_id, metadata = ended
+                        if due > self._clock():
+                            self._add(SpanData(tid, span_id, parent_id, True, dict(metadata)))
+                    elif span.local_root and span.request_id is None:
+                        self._remember_root(span)
+                        return
                 self._add(span)
             finally:
                 self._owner = None
 
-    def add_root(self, trace_id: int, make: Callable[[], SpanData]) -> None:
-        """A local root that is no request span ended; `make` gives its `SpanData`.
-
-        Most such traces hold nothing else (a web handler span with `user.id` and no LLM call
-        under it). Unless its trace is held, the root is remembered as `make`, which is called
-        only if another span of the trace arrives while it is remembered.
-        """
-        me = threading.get_ident()
-        if self._owner == me:
-            return
-        with self._lock:
-            self._owner = me
-            try:
-                if trace_id in self.traces or self._revive(trace_id):
-                    self._add(make())
-                else:
-                    self._remember_root(trace_id, make)
-            finally:
-                self._owner = None
-
-    def _revive(self, trace_id: int) -> bool:
-        """Hold the trace of a remembered root still in its wait; False if none is remembered."""
-        ended = self.ended_roots.pop(trace_id, None)
-        if ended is None:
-            return False
-        if ended[0] > self._clock():
-            self._add(ended[1]())
-        return True
-
-    def _remember_root(self, trace_id: int, make: Callable[[], SpanData]) -> None:
+    def _remember_root(self, span: SpanData) -> None:
         roots = self.ended_roots
         now = self._clock()
         if len(roots) >= self._max_traces:  # full: the oldest goes, early if it is not due
@@ -208,7 +184,10 @@ class TraceJoin:
         elif not len(roots) & 63:  # now and then, forget the roots whose wait is over
             while roots and next(iter(roots.values()))[0] <= now:
                 roots.popitem(last=False)
-        roots[trace_id] = (now + self._wait, make)
+        # Tuples of numbers and strings only: the garbage collector stops tracking them, so
+        # thousands of remembered roots cost its collections nothing.
+        roots[span.trace_id] = (now + self._wait, span.span_id, span.parent_id,
+                                tuple(span.metadata.items()))
 
     def _add(self, span: SpanData) -> None:
         tid = span.trace_id

@@ -42,7 +42,6 @@ class MappingRules:
     max_value_length: int = 1024
     # Exact attribute names that matter; a span with none of them and no prefixed key is skipped.
     relevant: frozenset[str] = field(init=False)
-    request_ids: frozenset[str] = field(init=False)
     # Names seen on spans that carried nothing for us (learnt by `is_relevant`, up to a bound).
     irrelevant: set[str] = field(init=False, default_factory=set, compare=False)
 
@@ -50,7 +49,6 @@ class MappingRules:
         names = {a for a, _ in STANDARD + FALLBACK}
         names.update(self.request_id_attributes, self.extra_attributes)
         object.__setattr__(self, "relevant", frozenset(names))
-        object.__setattr__(self, "request_ids", frozenset(self.request_id_attributes))
 
     def is_relevant(self, attributes: Mapping[str, Any]) -> bool:
         """Cheap test whether `attributes` could yield metadata or a request ID.

@@ -10,7 +10,6 @@ import time
 import weakref
 from collections import deque
 from collections.abc import Callable, Mapping, Sequence
-from functools import partial
 from typing import Any
 
 from opentelemetry import context as otel_context
@@ -51,9 +50,12 @@ class MetadataSpanProcessor(SpanProcessor):
     """Reads finished spans and sends PromptLayer metadata for each request span.
 
     Add it to the provider beside your exporters; it exports nothing else. `on_start` notes the
-    `metadata_context`/baggage values a span started under; `on_end` maps attributes and joins
-    request spans with their ancestors. Neither raises nor touches the network: sender threads
-    post in the background. Spans recorded but not sampled are processed too.
+    `metadata_context`/baggage values a span started under. `on_end` tells whether a span matters
+    (most carry nothing for us) and hands those that do to a worker thread, which maps their
+    attributes and joins request spans with their ancestors; the app's thread only appends to a
+    deque. Neither hook raises or touches the network: sender threads post in the background.
+    `force_flush`, `shutdown` and `stats` first join everything handed over. Spans recorded but
+    not sampled are processed too.
 
     Beware: nothing happens without an API key (argument or ``PROMPTLAYER_API_KEY``); the
     processor then logs one warning and stays inert.
@@ -230,13 +232,7 @@ class MetadataSpanProcessor(SpanProcessor):
             trace_id, span_id, parent, attrs, started, resource = item
             try:
                 if attrs is not None:
-                    attrs = _relevant_items(attrs, self._rules)
-                    if (parent is None or parent[2]) and self._rules.request_ids.isdisjoint(attrs):
-                        # Mapped only if another span of its trace arrives (most never do).
-                        bare = (trace_id, span_id, parent, None, None, None)
-                        join.add_root(trace_id, partial(self._span_data, bare, attrs))
-                    else:
-                        join.add(self._span_data(item, attrs))
+                    join.add(self._span_data(item, _relevant_items(attrs, self._rules)))
                 elif join.holds(trace_id):
                     join.add(self._span_data(item, None))
                 elif parent is not None and not parent[2]:
