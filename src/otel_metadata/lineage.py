@@ -109,11 +109,11 @@ class TraceJoin:
         self._old_links: dict[int, int] = {}
         self._owner: int | None = None  # the thread inside the lock, to refuse re-entry
         # Local roots that ended while nothing else of their trace was known (trace ID -> when
-        # to forget, span ID, parent ID, metadata items). Remembered like a lingering trace (`max_wait_s`, at most
-        # `max_traces`) but cheaply: most never see another span of their trace (a web handler
-        # span with `user.id` and no LLM call under it). A trace enters `traces` only when
-        # another of its spans arrives. Past its wait a root is never used, and it is dropped
-        # within 64 newer ones (or as the oldest when full).
+        # to forget, span ID, parent ID, metadata items). Remembered like a lingering trace
+        # (`max_wait_s`, at most `max_traces`) but cheaply: most never see another span of their
+        # trace (a web handler span with `user.id` and no LLM call under it). A trace enters
+        # `traces` only when another of its spans arrives. Past its wait a root is never used,
+        # and it is dropped within 64 newer ones (or as the oldest when full).
         self.ended_roots: OrderedDict[
             int, tuple[float, int, int | None, tuple[tuple[str, str], ...]]] = OrderedDict()
 
