@@ -102,6 +102,7 @@ class MetadataSpanProcessor(SpanProcessor):
         self._delivery: Delivery | None = None
         self._inbox: deque[_Item] = deque()
         self._drain_lock = threading.Lock()
+        self._drainer: int | None = None  # the thread inside `_drain_locked`
         self._wake = threading.Event()
         if s.disabled:
             _logger.info("otel-metadata: OTEL_SDK_DISABLED=true; metadata processor inert")
@@ -211,18 +212,26 @@ class MetadataSpanProcessor(SpanProcessor):
             self._drain()
         elif size == 1:
             self._wake.set()
-        elif self._drain_lock.acquire(blocking=False):
+        else:
             # The worker is not keeping up (or is gone): this thread feeds the join itself,
-            # rather than drop anything. Skipped while the worker is draining: it takes these too.
-            try:
-                self._drain_locked()
-            finally:
-                self._drain_lock.release()
+            # rather than drop anything; unless a drain is under way, which takes these too.
+            self._drain(wait=False)
 
-    def _drain(self) -> None:
-        """Feed the join everything handed off so far, in order."""
-        with self._drain_lock:
+    def _drain(self, wait: bool = True) -> None:
+        """Feed the join everything handed off so far, in order.
+
+        A span that ends inside a drain on the same thread (a log handler that traces, called
+        from our own work) is left to that drain, which runs until the inbox is empty.
+        """
+        me = threading.get_ident()
+        if self._drainer == me or not self._drain_lock.acquire(blocking=wait):
+            return
+        self._drainer = me
+        try:
             self._drain_locked()
+        finally:
+            self._drainer = None
+            self._drain_lock.release()
 
     def _drain_locked(self) -> None:
         inbox, join = self._inbox, self._join
@@ -341,6 +350,7 @@ class MetadataSpanProcessor(SpanProcessor):
         self._started = {}
         self._inbox = deque()  # the parent joins what it handed off
         self._drain_lock = threading.Lock()
+        self._drainer = None
         self._wake = threading.Event()
         self._join.clear()
         self._start_worker()
