@@ -175,8 +175,11 @@ class MetadataSpanProcessor(SpanProcessor):
             started = self._started.pop(span_id, None) if self._started else None
             inbox, join = self._inbox, self._join
             item: _Item
-            # Most spans carry nothing for us, and are told by one set test in C.
-            if not self._irrelevant.issuperset(attrs) and self._rules.is_relevant(attrs):
+            # Most spans carry nothing for us, and are told by one set test in C; most of the
+            # others by a second (a name the rules read, such as `user.id`).
+            rules = self._rules
+            if not self._irrelevant.issuperset(attrs) and (
+                    not rules.relevant.isdisjoint(attrs) or rules.is_relevant(attrs)):
                 item = (trace_id, span_id, parent, attrs, started, span.resource)
             elif inbox or trace_id in join.traces or trace_id in join.ended_roots:
                 # Its trace may be held: the join must see it, after what was handed off before.
