@@ -5,7 +5,9 @@ from __future__ import annotations
 import threading
 
 from opentelemetry import trace
-from test_lineage import server_wait_for
+from opentelemetry.sdk.trace import ReadableSpan
+from opentelemetry.trace import SpanContext, TraceFlags
+from test_lineage import server_wait_for, tracing_log_handler
 
 from otel_metadata import set_request_id
 
@@ -68,20 +70,7 @@ def test_a_request_ending_after_shutdown_is_counted_not_left_behind(server, make
 def test_a_span_made_by_our_own_logging_during_a_drain_does_not_hang(make_pipeline) -> None:
     """After shutdown, spans are joined on the thread that ends them; a warning logged while
     joining reaches a handler that makes a span, which ends on that same thread."""
-    import logging
-
-    from opentelemetry.sdk.trace import ReadableSpan
-    from opentelemetry.trace import SpanContext, TraceFlags
-
     p = make_pipeline()
-
-    class TracedHandler(logging.Handler):
-        def emit(self, record: logging.LogRecord) -> None:
-            with p.tracer.start_as_current_span("ship-log"):
-                pass
-
-    handler = TracedHandler()
-    logging.getLogger("otel_metadata").addHandler(handler)
     ended = threading.Event()
     ctx = SpanContext(trace_id=7, span_id=1, is_remote=False,
                       trace_flags=TraceFlags(TraceFlags.SAMPLED))
@@ -93,10 +82,8 @@ def test_a_span_made_by_our_own_logging_during_a_drain_does_not_hang(make_pipeli
         p.processor.on_end(span)
         ended.set()
 
-    try:
+    with tracing_log_handler(p):
         p.processor.shutdown()
         threading.Thread(target=app, daemon=True).start()
         assert ended.wait(10), "span.end() hung in a drain of its own thread"
         assert p.processor.stats()["ignored_request_ids"] == 1
-    finally:
-        logging.getLogger("otel_metadata").removeHandler(handler)

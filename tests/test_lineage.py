@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import asyncio
 import contextvars
+import logging
 import threading
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 
 from opentelemetry import baggage, context, trace
 from opentelemetry.baggage.propagation import W3CBaggagePropagator
@@ -336,19 +339,26 @@ def test_ancestors_that_ended_first_are_still_found(server, make_pipeline) -> No
     assert server.metadata == {1: {"user_id": "u", "plan": "pro"}}
 
 
-def test_a_log_handler_that_traces_cannot_deadlock_the_app(server, make_pipeline) -> None:
-    """Our warning (queue full) reaches a handler that makes a span inside the held trace."""
-    import logging
-
-    p = make_pipeline(max_queue_size=1, max_export_batch_size=1, max_concurrency=1)
+@contextmanager
+def tracing_log_handler(pipeline) -> Iterator[None]:
+    """Our log records reach a handler that makes a span per record (a log shipper that traces)."""
 
     class TracedHandler(logging.Handler):
         def emit(self, record: logging.LogRecord) -> None:
-            with p.tracer.start_as_current_span("ship-log"):
+            with pipeline.tracer.start_as_current_span("ship-log"):
                 pass
 
     handler = TracedHandler()
     logging.getLogger("otel_metadata").addHandler(handler)
+    try:
+        yield
+    finally:
+        logging.getLogger("otel_metadata").removeHandler(handler)
+
+
+def test_a_log_handler_that_traces_cannot_deadlock_the_app(server, make_pipeline) -> None:
+    """Our warning (queue full) reaches a handler that makes a span inside the held trace."""
+    p = make_pipeline(max_queue_size=1, max_export_batch_size=1, max_concurrency=1)
     server.gate = threading.Event()  # the server holds requests, so the queue stays full
     finished = threading.Event()
 
@@ -364,12 +374,12 @@ def test_a_log_handler_that_traces_cannot_deadlock_the_app(server, make_pipeline
         finished.set()
 
     try:
-        worker = threading.Thread(target=app, daemon=True)
-        worker.start()
-        assert finished.wait(10), "the app thread hung in span.end()"
-        assert p.processor.stats()["dropped.queue_full"] >= 1
+        with tracing_log_handler(p):
+            worker = threading.Thread(target=app, daemon=True)
+            worker.start()
+            assert finished.wait(10), "the app thread hung in span.end()"
+            assert p.processor.stats()["dropped.queue_full"] >= 1
     finally:
-        logging.getLogger("otel_metadata").removeHandler(handler)
         server.gate.set()
 
 
