@@ -2,14 +2,14 @@
 
 from __future__ import annotations
 
+import logging
 import threading
 
 from opentelemetry import trace
-from opentelemetry.sdk.trace import ReadableSpan
-from opentelemetry.trace import SpanContext, TraceFlags
-from test_lineage import server_wait_for, tracing_log_handler
+from test_lineage import server_wait_for
 
-from otel_metadata import set_request_id
+from otel_metadata import metadata_context, set_request_id
+from otel_metadata import processor as processor_module
 
 
 def _request_under_a_user_root(p, request_id: int) -> None:
@@ -67,23 +67,72 @@ def test_a_request_ending_after_shutdown_is_counted_not_left_behind(server, make
     assert server.metadata == {}
 
 
-def test_a_span_made_by_our_own_logging_during_a_drain_does_not_hang(make_pipeline) -> None:
-    """After shutdown, spans are joined on the thread that ends them; a warning logged while
-    joining reaches a handler that makes a span, which ends on that same thread."""
+def test_a_log_handler_calling_back_into_the_processor_does_not_stall_it(
+        server, make_pipeline) -> None:
+    """A log shipper that flushes telemetry on every record, reached by a warning we log while
+    joining spans on the worker thread."""
+    p = make_pipeline(max_trace_wait_millis=600_000)
+
+    class FlushingHandler(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            p.processor.force_flush(600_000)
+
+    handler = FlushingHandler()
+    logging.getLogger("otel_metadata").addHandler(handler)
+    try:
+        with p.tracer.start_as_current_span("llm") as llm:
+            llm.set_attribute("promptlayer.request_id", "")  # ignored, with a warning
+        _request_under_a_user_root(p, 2)
+        assert server_wait_for(server, lambda: server.metadata.get(2) == {"user_id": "u"},
+                               timeout=10)
+    finally:
+        logging.getLogger("otel_metadata").removeHandler(handler)
+
+
+def test_a_bare_root_ending_while_its_request_waits_to_be_joined_completes_it(
+        server, make_pipeline) -> None:
+    """The root carries nothing; it must still reach the join after its request span."""
+    p = make_pipeline(max_trace_wait_millis=600_000)
+    with p.processor._join._lock:  # as when the worker is busy: the request waits its turn
+        with metadata_context(user_id="u"), p.tracer.start_as_current_span("handler"), \
+                p.tracer.start_as_current_span("llm"):
+            set_request_id(5)
+    assert server_wait_for(server, lambda: server.metadata.get(5) == {"user_id": "u"})
+
+
+def test_force_flush_honours_its_timeout_while_the_worker_is_stuck(server, make_pipeline) -> None:
+    p = make_pipeline()
+    with p.processor._drain_lock:  # as when the worker is stuck in a long pass
+        _request_under_a_user_root(p, 1)
+        _request_under_a_user_root(p, 2)
+        returned = threading.Event()
+        result: list[bool] = []
+        flusher = threading.Thread(target=lambda: (result.append(p.flush(200)), returned.set()))
+        flusher.start()
+        assert returned.wait(10), "force_flush(200) did not return while the worker was stuck"
+        assert result == [False]
+    assert p.flush()
+    assert server.metadata == {1: {"user_id": "u"}, 2: {"user_id": "u"}}
+
+
+def test_a_backlog_past_the_bound_drops_and_counts_without_waiting(
+        server, make_pipeline, monkeypatch) -> None:
+    monkeypatch.setattr(processor_module, "_MAX_INBOX", 4)
     p = make_pipeline()
     ended = threading.Event()
-    ctx = SpanContext(trace_id=7, span_id=1, is_remote=False,
-                      trace_flags=TraceFlags(TraceFlags.SAMPLED))
-    # An empty request ID is ignored with a warning, logged while the span is joined.
-    span = ReadableSpan(name="llm", context=ctx,
-                        attributes={"promptlayer.request_id": "", "user.id": "u"})
 
     def app() -> None:
-        p.processor.on_end(span)
+        for rid in range(1, 21):
+            _request_under_a_user_root(p, rid)
         ended.set()
 
-    with tracing_log_handler(p):
-        p.processor.shutdown()
+    with p.processor._drain_lock:  # the worker cannot keep up (here: cannot move at all)
         threading.Thread(target=app, daemon=True).start()
-        assert ended.wait(10), "span.end() hung in a drain of its own thread"
-        assert p.processor.stats()["ignored_request_ids"] == 1
+        assert ended.wait(10), "span.end() waited for the worker"
+    assert p.flush()
+    stats = p.processor.stats()
+    assert stats["dropped.backlog"] > 0
+    # What reached the server has its lineage; every request that did not is counted (its own
+    # span or its root's was dropped).
+    assert all(md == {"user_id": "u"} for md in server.metadata.values())
+    assert stats["dropped.backlog"] >= 20 - len(server.metadata) > 0

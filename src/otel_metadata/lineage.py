@@ -107,6 +107,7 @@ class TraceJoin:
         self._sent_in: dict[RequestId, _Trace] = {}  # which held trace posted a request ID
         self.links: dict[int, int] = {}
         self._old_links: dict[int, int] = {}
+        self._links_lock = threading.Lock()
         self._owner: int | None = None  # the thread inside the lock, to refuse re-entry
         # Local roots that ended while nothing else of their trace was known (trace ID -> when
         # to forget, span ID, parent ID, metadata items). Remembered like a lingering trace
@@ -133,11 +134,14 @@ class TraceJoin:
         links = self.links
         links[span_id] = parent_id
         if len(links) >= LINK_GENERATION:
-            self.new_link_generation()
+            self.new_link_generation(links)
 
-    def new_link_generation(self) -> None:
-        """The current links become the old generation; the oldest are forgotten."""
-        self._old_links, self.links = self.links, {}
+    def new_link_generation(self, full: dict[int, int]) -> None:
+        """`full`, if still the current links, becomes the old generation (the oldest are
+        forgotten); once only, when several threads find it full at the same time."""
+        with self._links_lock:
+            if self.links is full:
+                self._old_links, self.links = full, {}
 
     def holds(self, trace_id: int) -> bool:
         """Whether spans of this trace must be recorded even when they carry nothing."""
@@ -250,6 +254,7 @@ class TraceJoin:
         self.traces = {}
         self._waiting, self._early, self._lingering = OrderedDict(), OrderedDict(), OrderedDict()
         self.links, self._old_links = {}, {}
+        self._links_lock = threading.Lock()
         self._sent_in = {}
         self.ended_roots = OrderedDict()
 

@@ -38,8 +38,11 @@ _logger = logging.getLogger("otel_metadata")
 
 # Spans started inside a metadata_context/baggage but never ended must not grow memory forever.
 _MAX_STARTED = 100_000
-# Ended spans handed to the worker and not joined yet, past which on_end joins them itself.
+# Ended spans handed to the worker and not joined yet, past which on_end drops spans that carry
+# metadata (counted): the app's thread never waits for the worker.
 _MAX_INBOX = 16_384
+# How long `stats()` waits for a pass of the worker under way, to count what was handed to it.
+_STATS_WAIT_S = 1.0
 
 # What on_end hands the worker: trace ID, span ID, parent context, the span's attributes (None
 # when they hold nothing for us), its start context values and baggage, its resource.
@@ -191,54 +194,60 @@ class MetadataSpanProcessor(SpanProcessor):
                     links = join.links
                     links[span_id] = parent[1]
                     if len(links) >= LINK_GENERATION:
-                        join.new_link_generation()
+                        join.new_link_generation(links)
                 return
             # Handed to the worker, which maps and joins it: on this thread, one append.
+            if len(inbox) >= _MAX_INBOX or self._is_shutdown:
+                self._refuse(item[3] is not None)
+                return
             inbox.append(item)
-            size = len(inbox)
-            if size == 1 or size >= _MAX_INBOX or self._is_shutdown:
-                self._handed_off(size)
+            if not self._wake.is_set():  # after the append: the worker clears it, then drains
+                self._wake.set()
         except Exception:
-            self._error(span)
+            self._error(getattr(span, "name", "?"))
 
-    def _error(self, span: object) -> None:
+    def _error(self, name: object) -> None:
         self._stats.add("errors")
         if self._stats.first("error", "on_end"):
-            _logger.warning("otel-metadata: could not read span %r; skipped",
-                            getattr(span, "name", "?"), exc_info=True)
+            _logger.warning("otel-metadata: could not read span %r; skipped", name,
+                            exc_info=True)
 
     # -- the hand-off: on_end only appends; the worker maps and joins (SPEC §7: never block) --
 
-    def _handed_off(self, size: int) -> None:
-        """After on_end's append, when the inbox was empty, is full, or nobody drains it."""
-        if self._is_shutdown:  # no worker any more
-            self._drain()
-        elif size == 1:
-            self._wake.set()
-        else:
-            # The worker is not keeping up (or is gone): this thread feeds the join itself,
-            # rather than drop anything; unless a drain is under way, which takes these too.
-            self._drain(wait=False)
+    def _refuse(self, relevant: bool) -> None:
+        """A span not handed off: after shutdown, or while the worker is `_MAX_INBOX` behind
+        (an app that makes spans faster than their metadata can be joined). Never waits."""
+        if not relevant:  # its trace's requests are posted at their wait all the same
+            return
+        if self._is_shutdown:
+            self._stats.add("dropped.shutdown")
+            return
+        self._stats.add("dropped.backlog")
+        self._stats.warn_once("drop", "backlog", "otel-metadata: %d ended spans are waiting to "
+                              "be joined; dropping spans that carry metadata until the worker "
+                              "catches up, and counting them as dropped.backlog", _MAX_INBOX)
 
-    def _drain(self, wait: bool = True) -> None:
-        """Feed the join everything handed off so far, in order.
+    def _drain(self, timeout: float | None = None) -> bool:
+        """Join, in order, the spans handed off before this call: one bounded pass.
 
-        A span that ends inside a drain on the same thread (a log handler that traces, called
-        from our own work) is left to that drain, which runs until the inbox is empty.
+        False when `timeout` ran out waiting for a pass under way, or when this thread is the
+        one draining (our log record reached a handler that calls back into us).
         """
         me = threading.get_ident()
-        if self._drainer == me or not self._drain_lock.acquire(blocking=wait):
-            return
+        if self._drainer == me or not self._drain_lock.acquire(
+                timeout=-1 if timeout is None else max(0.0, timeout)):
+            return False
         self._drainer = me
         try:
-            self._drain_locked()
+            self._drain_locked(len(self._inbox))
         finally:
             self._drainer = None
             self._drain_lock.release()
+        return True
 
-    def _drain_locked(self) -> None:
+    def _drain_locked(self, count: int) -> None:
         inbox, join = self._inbox, self._join
-        while inbox:
+        for _ in range(count):
             # Left in the inbox until joined, so on_end still sees that its trace may be held.
             item = inbox[0]
             trace_id, span_id, parent, attrs, started, resource = item
@@ -250,8 +259,9 @@ class MetadataSpanProcessor(SpanProcessor):
                 elif parent is not None and not parent[2]:
                     join.note_link(span_id, parent[1])
             except Exception:
-                self._error(item)
-            inbox.popleft()
+                self._error(f"{span_id:016x}")
+            finally:
+                inbox.popleft()
 
     def _span_data(self, item: _Item, attrs: Mapping[str, Any] | None) -> SpanData:
         """`attrs`: the span's relevant attributes (None when it has none)."""
@@ -288,9 +298,11 @@ class MetadataSpanProcessor(SpanProcessor):
         if not isinstance(timeout_millis, (int, float)) or isinstance(timeout_millis, bool):
             timeout_millis = 30000
         try:
-            self._drain()
+            deadline = time.monotonic() + timeout_millis / 1000
+            if not self._drain(timeout_millis / 1000):
+                return False
             self._join.release_all()
-            return self._delivery.force_flush(timeout_millis / 1000)
+            return self._delivery.force_flush(max(0.0, deadline - time.monotonic()))
         except Exception:  # the SDK calls this unguarded, from the app or the exit hook
             _logger.exception("otel-metadata: force_flush failed")
             return False
@@ -302,9 +314,10 @@ class MetadataSpanProcessor(SpanProcessor):
         self._is_shutdown = True
         self._wake.set()  # the worker stops; what it left is joined here
         try:
-            self._drain()
+            deadline = time.monotonic() + self._settings.export_timeout_s
+            self._drain(self._settings.export_timeout_s)
             self._join.release_all()
-            self._delivery.shutdown(self._settings.export_timeout_s)
+            self._delivery.shutdown(max(0.0, deadline - time.monotonic()))
         except Exception:  # never let our trouble break the provider's shutdown at exit
             _logger.exception("otel-metadata: shutdown failed")
         counts = self.stats()
@@ -317,8 +330,8 @@ class MetadataSpanProcessor(SpanProcessor):
 
     def stats(self) -> dict[str, int]:
         """Counts of what happened: queued, delivered, retried, dropped.<reason>, ..."""
-        if self._delivery is not None:
-            self._drain()  # so the counts include every span ended before this call
+        if self._delivery is not None:  # include every span ended before this call, if quick
+            self._drain(_STATS_WAIT_S)
         counts = self._stats.snapshot()
         if self._delivery is not None:
             counts["held_traces"] = len(self._join)
@@ -334,7 +347,7 @@ class MetadataSpanProcessor(SpanProcessor):
         tick = min(0.5, max(0.01, self._settings.max_trace_wait_s / 10))
         next_expiry = time.monotonic() + tick
         while True:
-            # Woken by the first span into an empty inbox, else when expiry is due.
+            # Woken by a span handed off since the last pass, else when expiry is due.
             self._wake.wait(max(0.0, next_expiry - time.monotonic()))
             self._wake.clear()
             if self._is_shutdown:
