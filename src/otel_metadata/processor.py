@@ -43,6 +43,7 @@ _MAX_STARTED = 100_000
 _MAX_INBOX = 16_384
 # How long `stats()` waits for a pass of the worker under way, to count what was handed to it.
 _STATS_WAIT_S = 1.0
+_MAX_LOCK_WAIT_S = 3600.0
 
 # What on_end hands the worker: trace ID, span ID, parent context, the span's attributes (None
 # when they hold nothing for us), its start context values and baggage, its resource.
@@ -233,9 +234,12 @@ class MetadataSpanProcessor(SpanProcessor):
         False when `timeout` ran out waiting for a pass under way, or when this thread is the
         one draining (our log record reached a handler that calls back into us).
         """
+        if not self._inbox:  # an item leaves the inbox only once joined
+            return True
         me = threading.get_ident()
-        if self._drainer == me or not self._drain_lock.acquire(
-                timeout=-1 if timeout is None else max(0.0, timeout)):
+        # A lock's timeout overflows the platform's time_t far below inf; NaN: no wait.
+        wait = -1.0 if timeout is None else min(timeout, _MAX_LOCK_WAIT_S) if timeout > 0 else 0.0
+        if self._drainer == me or not self._drain_lock.acquire(timeout=wait):
             return False
         self._drainer = me
         try:
