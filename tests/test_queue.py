@@ -149,5 +149,6 @@ def test_stats_has_every_standard_counter_from_the_start(make_pipeline: Any) -> 
     stats = make_pipeline().processor.stats()
     for name in ("queued", "delivered", "retried", "dropped.queue_full",
                  "dropped.retries_exhausted", "dropped.rejected", "dropped.unauthorized",
-                 "dropped.shutdown", "truncated_values", "ignored_request_ids"):
+                 "dropped.shutdown", "dropped.backlog", "truncated_values",
+                 "ignored_request_ids"):
         assert stats[name] == 0, name

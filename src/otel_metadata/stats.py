@@ -20,6 +20,7 @@ STANDARD_COUNTERS: tuple[str, ...] = (
     "dropped.rejected",           # answered 400/401/403/404/422: not retried
     "dropped.unauthorized",       # not sent: the key was rejected earlier (401)
     "dropped.shutdown",           # still queued, or arriving, after shutdown()
+    "dropped.backlog",            # a span with metadata, ended while the worker was far behind
     "dropped.error",              # an unexpected error in the sender (a bug; logged)
     "truncated_values",           # values cut to max_value_length
     "dropped_keys",               # metadata keys longer than 1024 characters
