@@ -89,14 +89,17 @@ def test_a_log_handler_calling_back_into_the_processor_does_not_stall_it(
         logging.getLogger("otel_metadata").removeHandler(handler)
 
 
-def test_a_bare_root_ending_while_its_request_waits_to_be_joined_completes_it(
+def test_a_bare_root_ending_while_its_request_is_being_joined_completes_it(
         server, make_pipeline) -> None:
     """The root carries nothing; it must still reach the join after its request span."""
     p = make_pipeline(max_trace_wait_millis=600_000)
-    with p.processor._join._lock:  # as when the worker is busy: the request waits its turn
-        with metadata_context(user_id="u"), p.tracer.start_as_current_span("handler"), \
-                p.tracer.start_as_current_span("llm"):
+    with metadata_context(user_id="u"):
+        root = p.tracer.start_span("handler")
+        with trace.use_span(root), p.tracer.start_as_current_span("llm"):
             set_request_id(5)
+    with p.processor._join._lock:  # the worker takes the request, then waits to join it
+        assert server_wait_for(server, p.processor._drain_lock.locked)
+        root.end()
     assert server_wait_for(server, lambda: server.metadata.get(5) == {"user_id": "u"})
 
 
