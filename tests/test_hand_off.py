@@ -19,6 +19,19 @@ def _request_under_a_user_root(p, request_id: int) -> None:
             set_request_id(request_id)
 
 
+def _requests_on_an_app_thread(p, count: int) -> threading.Event:
+    """Start a thread making requests 1..count under user roots; the event is set when done."""
+    ended = threading.Event()
+
+    def app() -> None:
+        for rid in range(1, count + 1):
+            _request_under_a_user_root(p, rid)
+        ended.set()
+
+    threading.Thread(target=app, daemon=True).start()
+    return ended
+
+
 def test_a_request_goes_out_without_a_flush_once_its_root_ends(server, make_pipeline) -> None:
     # A trace wait far beyond the test: only the worker seeing the root end can post it.
     p = make_pipeline(max_trace_wait_millis=600_000)
@@ -28,16 +41,8 @@ def test_a_request_goes_out_without_a_flush_once_its_root_ends(server, make_pipe
 
 def test_span_end_does_not_wait_while_the_worker_is_inside_the_join(server, make_pipeline) -> None:
     p = make_pipeline()
-    ended = threading.Event()
-
-    def app() -> None:
-        for rid in range(1, 51):
-            _request_under_a_user_root(p, rid)
-        ended.set()
-
     with p.processor._join._lock:  # as when the worker is busy joining a large trace
-        thread = threading.Thread(target=app, daemon=True)
-        thread.start()
+        ended = _requests_on_an_app_thread(p, 50)
         assert ended.wait(10), "span.end() waited for the lineage join"
     assert p.flush()
     assert server.metadata == {rid: {"user_id": "u"} for rid in range(1, 51)}
@@ -122,15 +127,8 @@ def test_a_backlog_past_the_bound_drops_and_counts_without_waiting(
         server, make_pipeline, monkeypatch) -> None:
     monkeypatch.setattr(processor_module, "_MAX_INBOX", 4)
     p = make_pipeline()
-    ended = threading.Event()
-
-    def app() -> None:
-        for rid in range(1, 21):
-            _request_under_a_user_root(p, rid)
-        ended.set()
-
     with p.processor._drain_lock:  # the worker cannot keep up (here: cannot move at all)
-        threading.Thread(target=app, daemon=True).start()
+        ended = _requests_on_an_app_thread(p, 20)
         assert ended.wait(10), "span.end() waited for the worker"
     assert p.flush()
     stats = p.processor.stats()
