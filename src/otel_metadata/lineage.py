@@ -162,7 +162,7 @@ class TraceJoin:
         me = threading.get_ident()
         if self._owner == me:
             return
-        with self._lock:  # as `_locked()` does, without a generator on this path, once a span
+        with self._lock:  # as `_locked()` does, without a generator: this runs once per span
             self._owner = me
             try:
                 tid = span.trace_id

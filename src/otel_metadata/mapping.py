@@ -54,17 +54,21 @@ class MappingRules:
         """Cheap test whether `attributes` could yield metadata or a request ID.
 
         Most spans carry nothing for us, and their attribute names repeat (semantic conventions):
-        once learnt, such a span is told by one set test in C. Only names of spans found
-        irrelevant are learnt, so a learnt name can never hide a relevant one.
+        once learnt, such a span is told by one set test in C, and a span carrying a name the
+        rules read by a second. Only names of spans found irrelevant are learnt, so a learnt name
+        can never hide a relevant one. (The processor's on_end spells out the same expression.)
         """
-        known = self.irrelevant
-        if known.issuperset(attributes):
-            return False
+        return not self.irrelevant.issuperset(attributes) and (
+            not self.relevant.isdisjoint(attributes) or self.prefixed_or_learn(attributes))
+
+    def prefixed_or_learn(self, attributes: Mapping[str, Any]) -> bool:
+        """The rest of `is_relevant`: True if a name holds the metadata prefix; otherwise the
+        names are learnt as irrelevant (up to `MAX_LEARNT_NAMES`)."""
         keys = tuple(attributes)  # iterate once: the SDK's attribute mapping iterates in Python
-        if not self.relevant.isdisjoint(keys) or METADATA_PREFIX in "\0".join(keys):
+        if METADATA_PREFIX in "\0".join(keys):
             return True
-        if len(known) < MAX_LEARNT_NAMES:
-            known.update(keys)
+        if len(self.irrelevant) < MAX_LEARNT_NAMES:
+            self.irrelevant.update(keys)
         return False
 
 

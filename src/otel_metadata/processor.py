@@ -31,6 +31,7 @@ from .mapping import (
     map_values,
     request_id_of,
 )
+from .queue import MAX_WAIT_S
 from .retry import RetryPolicy
 from .stats import Stats
 
@@ -43,7 +44,6 @@ _MAX_STARTED = 100_000
 _MAX_INBOX = 16_384
 # How long `stats()` waits for a pass of the worker under way, to count what was handed to it.
 _STATS_WAIT_S = 1.0
-_MAX_LOCK_WAIT_S = 3600.0
 
 # What on_end hands the worker: trace ID, span ID, parent context, the span's attributes (None
 # when they hold nothing for us), its start context values and baggage, its resource.
@@ -179,11 +179,11 @@ class MetadataSpanProcessor(SpanProcessor):
             started = self._started.pop(span_id, None) if self._started else None
             inbox, join = self._inbox, self._join
             item: _Item
-            # Most spans carry nothing for us, and are told by one set test in C; most of the
-            # others by a second (a name the rules read, such as `user.id`).
+            # `MappingRules.is_relevant`, spelled out to save a call on every span: most spans
+            # carry nothing for us and are told by one set test in C.
             rules = self._rules
             if not self._irrelevant.issuperset(attrs) and (
-                    not rules.relevant.isdisjoint(attrs) or rules.is_relevant(attrs)):
+                    not rules.relevant.isdisjoint(attrs) or rules.prefixed_or_learn(attrs)):
                 item = (trace_id, span_id, parent, attrs, started, span.resource)
             elif inbox or trace_id in join.traces or trace_id in join.ended_roots:
                 # Its trace may be held: the join must see it, after what was handed off before.
@@ -238,7 +238,7 @@ class MetadataSpanProcessor(SpanProcessor):
             return True
         me = threading.get_ident()
         # A lock's timeout overflows the platform's time_t far below inf; NaN: no wait.
-        wait = -1.0 if timeout is None else min(timeout, _MAX_LOCK_WAIT_S) if timeout > 0 else 0.0
+        wait = -1.0 if timeout is None else min(timeout, MAX_WAIT_S) if timeout > 0 else 0.0
         if self._drainer == me or not self._drain_lock.acquire(timeout=wait):
             return False
         self._drainer = me
@@ -254,7 +254,7 @@ class MetadataSpanProcessor(SpanProcessor):
         for _ in range(count):
             # Left in the inbox until joined, so on_end still sees that its trace may be held.
             item = inbox[0]
-            trace_id, span_id, parent, attrs, started, resource = item
+            trace_id, span_id, parent, attrs, _, _ = item
             try:
                 if attrs is not None:
                     join.add(self._span_data(item, _relevant_items(attrs, self._rules)))
@@ -302,8 +302,9 @@ class MetadataSpanProcessor(SpanProcessor):
         if not isinstance(timeout_millis, (int, float)) or isinstance(timeout_millis, bool):
             timeout_millis = 30000
         try:
-            deadline = time.monotonic() + timeout_millis / 1000
-            if not self._drain(timeout_millis / 1000):
+            timeout_s = timeout_millis / 1000
+            deadline = time.monotonic() + timeout_s
+            if not self._drain(timeout_s):
                 return False
             self._join.release_all()
             return self._delivery.force_flush(max(0.0, deadline - time.monotonic()))

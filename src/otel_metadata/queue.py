@@ -20,8 +20,9 @@ from dataclasses import dataclass
 
 from .mapping import RequestId
 
-# Longest single wait: a condition's timeout overflows the platform's time_t far below inf.
-_MAX_WAIT_S = 3600.0
+# Longest single wait: a lock's or condition's timeout overflows the platform's time_t far
+# below inf.
+MAX_WAIT_S = 3600.0
 
 
 @dataclass(slots=True)
@@ -160,7 +161,7 @@ class RecordQueue:
                     remaining = deadline - self._clock()
                     if not remaining > 0:  # NaN too
                         return False
-                    self._cond.wait(min(remaining, _MAX_WAIT_S))
+                    self._cond.wait(min(remaining, MAX_WAIT_S))
                 self._tell(seq)
                 return not me.failed
             finally:
