@@ -56,7 +56,7 @@ def test_one_request_id_is_never_in_flight_twice() -> None:
     second = q.take()
     assert second is not None and second.request_id == 8  # 7 waits for its first POST
     assert first is not None
-    q.done(first, delivered=True, account=_nothing)
+    q.ack(first, delivered=True, account=_nothing)
     third = q.take()
     assert third is not None and (third.request_id, third.metadata) == (7, {"a": "2"})
 
@@ -66,7 +66,7 @@ def _settle(q: RecordQueue, delivered: bool) -> None:
     while len(q):
         entry = q.take()
         assert entry is not None
-        q.done(entry, delivered, account=_nothing)
+        q.ack(entry, delivered, account=_nothing)
 
 
 def test_a_failure_is_told_to_the_flush_that_covers_it_and_then_forgotten() -> None:
@@ -93,7 +93,7 @@ def test_concurrent_flushes_are_each_told_of_a_failure_they_cover() -> None:
         thread.start()
     entry = q.take()
     assert entry is not None
-    q.done(entry, delivered=False, account=_nothing)
+    q.ack(entry, delivered=False, account=_nothing)
     for thread in flushes:
         thread.join(10)
     assert results == [False, False]
@@ -121,7 +121,7 @@ def test_a_closed_queue_refuses_and_reports_what_was_left() -> None:
     assert q.flush(deadline=NOW + 1) is False
     # The abandoned POST finishing later is not counted a second time.
     counted: list[int] = []
-    q.done(in_flight, delivered=True, account=lambda: counted.append(1))
+    q.ack(in_flight, delivered=True, account=lambda: counted.append(1))
     assert counted == []
 
 

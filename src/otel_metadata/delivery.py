@@ -137,9 +137,9 @@ class Delivery:
                               self._transport.redact("".join(traceback.format_exception(exc))))
                 fate = "dropped.error"
             if fate != "delivered" and self.on_drop is not None:
-                # Before `done`, so a flush that sees the failure also sees its keys unsent.
+                # Before `ack`, so a flush that sees the failure also sees its keys unsent.
                 self.on_drop(entry.request_id, entry.metadata)
-            queue.done(entry, fate == "delivered", functools.partial(self._stats.add, fate))
+            queue.ack(entry, fate == "delivered", functools.partial(self._stats.add, fate))
 
     def _deliver(self, entry: Entry) -> str:
         """POST `entry` until a 2xx, a refusal, shutdown, or the export timeout runs out.

@@ -1,7 +1,7 @@
 """The record queue: bounded, coalescing by request ID, with flush bookkeeping (SPEC §7).
 
-One component with one interface (`put`, `take`, `done`, `flush`), so a durable spool can later
-stand behind the same calls. Every `put` gets a sequence number; `flush` makes every record put so
+`RecordStore` is the interface delivery drains (`put`, `take`, `ack`, `flush`, `close`), so the
+durable spool (SPEC §7a) stands behind the same calls; `RecordQueue` is the in-memory one. Every `put` gets a sequence number; `flush` makes every record put so
 far due, waits until each is delivered or has failed, and tells which. A failure is told to
 every flush that covers it and was waiting when it was first told; later flushes do not see it
 again, so one old drop does not make every future flush return False.
@@ -17,6 +17,7 @@ import time
 from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Protocol
 
 from .mapping import RequestId
 
@@ -43,6 +44,32 @@ class _Flush:
 
     upto: int
     failed: bool = False
+
+
+class RecordStore(Protocol):
+    """Where records wait between the lineage join and delivery."""
+
+    def put(self, request_id: RequestId, metadata: dict[str, str]) -> bool:
+        """Queue a record (coalescing into a pending one of the same ID); False when refused."""
+
+    def put_failed(self) -> None:
+        """Account for a record refused before it reached the store (the next flush says so)."""
+
+    def take(self) -> Entry | None:
+        """Block until a record is due and hand it out; None once closed."""
+
+    def ack(self, entry: Entry, delivered: bool, account: Callable[[], None]) -> None:
+        """The POST for `entry` settled: delivered, or refused / given up on for good."""
+
+    def flush(self, deadline: float) -> bool:
+        """Make everything put so far due; True once all of it was delivered by `deadline`."""
+
+    def close(self, keep: bool = False) -> list[Entry]:
+        """Stop handing out records. Returns those given up on; a durable store asked to
+        `keep` them leaves them for the next process instead (and returns none)."""
+
+    def __len__(self) -> int:
+        """Records waiting or in flight."""
 
 
 class RecordQueue:
@@ -130,7 +157,7 @@ class RecordQueue:
             break  # pending is in enqueue order: later entries are due later
         return soonest
 
-    def done(self, entry: Entry, delivered: bool, account: Callable[[], None]) -> None:
+    def ack(self, entry: Entry, delivered: bool, account: Callable[[], None]) -> None:
         """The POST for `entry` finished: delivered, or failed for good.
 
         `account` (the caller's counting) runs under the lock, unless `close` gave the entry up
@@ -191,8 +218,9 @@ class RecordQueue:
             firsts.append(next(iter(self._pending.values())).first_seq)
         return min(firsts, default=float("inf"))
 
-    def close(self) -> list[Entry]:
-        """Stop handing out entries; give up on every unsettled one and return them.
+    def close(self, keep: bool = False) -> list[Entry]:
+        """Stop handing out entries; give up on every unsettled one and return them (memory
+        cannot `keep` anything past the process).
 
         Entries still in flight are marked abandoned: their POST may yet land, but nobody is
         left to wait for it, so they count as not delivered (the caller counts them).
