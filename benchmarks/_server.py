@@ -10,7 +10,7 @@ import argparse
 import json
 import sys
 
-from otel_metadata.server import TrackMetadataServer
+from otel_metadata.testing.track_metadata import TrackMetadataServer
 
 
 def main() -> int:

@@ -2,15 +2,19 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+import itertools
+import logging
+import threading
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
 from typing import Any
 
 import pytest
 from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace import Tracer, TracerProvider
 
-from otel_metadata import MetadataSpanProcessor, RetryPolicy
-from otel_metadata.server import TrackMetadataServer
+from otel_metadata import MetadataSpanProcessor, RetryPolicy, set_request_id
+from otel_metadata.testing.track_metadata import TrackMetadataServer
 
 API_KEY = "pl-test-key-0123456789"
 FAST_RETRY = RetryPolicy(initial_backoff=0.01, max_backoff=0.2)
@@ -48,6 +52,33 @@ class Pipeline:
     def flush(self, timeout_millis: int = 10_000) -> bool:
         return self.processor.force_flush(timeout_millis)
 
+    def settled_stats(self) -> dict[str, int]:
+        """`stats()` once the lineage worker has joined every span ended so far."""
+        assert wait_for(lambda: self.processor.stats()["backlog"] == 0)
+        return self.processor.stats()
+
+
+def wait_for(condition: Callable[[], object], timeout: float = 5.0) -> bool:
+    """Poll `condition` (no fixed sleep): True once it holds, False at the deadline."""
+    done = threading.Event()
+    deadline = threading.Timer(timeout, done.set)
+    deadline.start()
+    try:
+        while not done.is_set():
+            if condition():
+                return True
+            done.wait(0.01)
+        return bool(condition())
+    finally:
+        deadline.cancel()
+
+
+def send(p: Pipeline, request_id: int | str, metadata: Mapping[str, Any]) -> None:
+    """End one request span (its own trace) carrying `metadata` as promptlayer.metadata.*."""
+    with p.tracer.start_as_current_span("llm") as span:
+        span.set_attributes({f"promptlayer.metadata.{k}": v for k, v in metadata.items()})
+        set_request_id(request_id)
+
 
 @pytest.fixture
 def make_pipeline(server: TrackMetadataServer) -> Iterator[Callable[..., Pipeline]]:
@@ -70,3 +101,33 @@ def make_pipeline(server: TrackMetadataServer) -> Iterator[Callable[..., Pipelin
     yield make
     for pipeline in made:
         pipeline.provider.shutdown()
+
+
+_stalls = itertools.count()
+
+
+@contextmanager
+def worker_stuck(p: Pipeline, **attributes: Any) -> Iterator[None]:
+    """The lineage worker stuck inside a pass, as behind a slow log shipper: an app's log handler
+    blocks on the warning our worker logs while mapping a span with a too-long value (that span,
+    with `attributes` too, is ended here), until the block ends."""
+    entered, release = threading.Event(), threading.Event()
+
+    class Blocking(logging.Handler):
+        def handle(self, record: logging.LogRecord) -> bool:  # no handler lock: others pass
+            if threading.current_thread().name == "otel-metadata-lineage":
+                entered.set()
+                release.wait(30)
+            return True
+
+    handler = Blocking()
+    logging.getLogger("otel_metadata").addHandler(handler)
+    try:
+        with p.tracer.start_as_current_span("stall") as span:
+            span.set_attributes(attributes)
+            span.set_attribute(f"promptlayer.metadata.stall{next(_stalls)}", "x" * 100_000)
+        assert entered.wait(10), "the worker did not reach the stall"
+        yield
+    finally:
+        release.set()
+        logging.getLogger("otel_metadata").removeHandler(handler)

@@ -7,15 +7,15 @@ import math
 from typing import Any
 
 import pytest
+from conftest import send
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from opentelemetry.context import Context, create_key
 from opentelemetry.sdk.trace import ReadableSpan
 from opentelemetry.trace import SpanContext, TraceFlags
-from test_reliability import send
 
 from otel_metadata import metadata_context, set_request_id
-from otel_metadata.server import TrackMetadataServer
+from otel_metadata.testing.track_metadata import TrackMetadataServer
 
 
 class Hostile:

@@ -10,7 +10,7 @@ import pytest
 from otel_metadata import cli
 from otel_metadata.check import interpret
 from otel_metadata.config import resolve
-from otel_metadata.server import Faults, TrackMetadataServer
+from otel_metadata.testing.track_metadata import Faults, TrackMetadataServer
 from otel_metadata.transport import Outcome
 
 

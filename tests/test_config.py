@@ -8,34 +8,22 @@ from typing import Any
 import pytest
 
 from otel_metadata import MetadataSpanProcessor
-from otel_metadata.config import (
-    DEFAULT_BASE_URL,
-    DEFAULT_EXPORT_TIMEOUT_MS,
-    DEFAULT_MAX_BATCH,
-    DEFAULT_MAX_CONCURRENCY,
-    DEFAULT_MAX_QUEUE_SIZE,
-    DEFAULT_MAX_TRACE_WAIT_MS,
-    DEFAULT_MAX_TRACES,
-    DEFAULT_MAX_VALUE_LENGTH,
-    DEFAULT_SCHEDULE_DELAY_MS,
-    resolve,
-)
+from otel_metadata.config import DEFAULT_BASE_URL, OPTIONS, resolve
 
-# env var → (the setting it feeds, its default as resolved, a good value, what that resolves to)
-NUMERIC = {
-    "OTEL_BSP_SCHEDULE_DELAY": ("schedule_delay_s", DEFAULT_SCHEDULE_DELAY_MS / 1000, "250",
-                                0.25),
-    "OTEL_BSP_MAX_QUEUE_SIZE": ("max_queue_size", DEFAULT_MAX_QUEUE_SIZE, "4096", 4096),
-    "OTEL_BSP_MAX_EXPORT_BATCH_SIZE": ("max_export_batch_size", DEFAULT_MAX_BATCH, "64", 64),
-    "OTEL_BSP_EXPORT_TIMEOUT": ("export_timeout_s", DEFAULT_EXPORT_TIMEOUT_MS / 1000, "1500",
-                                1.5),
-    "PROMPTLAYER_METADATA_MAX_CONCURRENCY": ("max_concurrency", DEFAULT_MAX_CONCURRENCY, "2", 2),
-    "PROMPTLAYER_METADATA_MAX_TRACE_WAIT": ("max_trace_wait_s", DEFAULT_MAX_TRACE_WAIT_MS / 1000,
-                                            "100", 0.1),
-    "PROMPTLAYER_METADATA_MAX_TRACES": ("max_traces", DEFAULT_MAX_TRACES, "10", 10),
-    "PROMPTLAYER_METADATA_MAX_VALUE_LENGTH": ("max_value_length", DEFAULT_MAX_VALUE_LENGTH,
-                                              "64", 64),
+# env var → (the setting it feeds, a good value, what that resolves to); defaults come from the
+# settings' declarations (config.OPTIONS).
+GOOD = {
+    "OTEL_BSP_SCHEDULE_DELAY": ("schedule_delay_s", "250", 0.25),
+    "OTEL_BSP_MAX_QUEUE_SIZE": ("max_queue_size", "4096", 4096),
+    "OTEL_BSP_MAX_EXPORT_BATCH_SIZE": ("max_export_batch_size", "64", 64),
+    "OTEL_BSP_EXPORT_TIMEOUT": ("export_timeout_s", "1500", 1.5),
+    "PROMPTLAYER_METADATA_MAX_CONCURRENCY": ("max_concurrency", "2", 2),
+    "PROMPTLAYER_METADATA_MAX_TRACE_WAIT": ("max_trace_wait_s", "100", 0.1),
+    "PROMPTLAYER_METADATA_MAX_TRACES": ("max_traces", "10", 10),
+    "PROMPTLAYER_METADATA_MAX_VALUE_LENGTH": ("max_value_length", "64", 64),
 }
+NUMERIC = {env: (name, OPTIONS[name].default, good, value)
+           for env, (name, good, value) in GOOD.items()}
 GARBAGE = ["abc", "-5", "nan", "inf", "1e999", "0x10", "1,5", "1 2"]
 
 
@@ -62,7 +50,7 @@ def test_integer_settings_refuse_fractions(
     monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture,
 ) -> None:
     monkeypatch.setenv("OTEL_BSP_MAX_QUEUE_SIZE", "1.5")
-    assert resolve().max_queue_size == DEFAULT_MAX_QUEUE_SIZE
+    assert resolve().max_queue_size == OPTIONS["max_queue_size"].default
     assert "OTEL_BSP_MAX_QUEUE_SIZE" in caplog.text
 
 

@@ -8,10 +8,9 @@ import multiprocessing
 import os
 from typing import Any
 
-from conftest import Pipeline
-from test_reliability import send
+from conftest import Pipeline, send
 
-from otel_metadata.server import TrackMetadataServer
+from otel_metadata.testing.track_metadata import TrackMetadataServer
 
 # Long enough that records queued before a fork are still queued when it happens.
 HOLD = {"schedule_delay_millis": 60_000}

@@ -5,11 +5,11 @@ from __future__ import annotations
 import logging
 import threading
 
+from conftest import wait_for, worker_stuck
 from opentelemetry import trace
-from test_lineage import server_wait_for
 
+from otel_metadata import intake as intake_module
 from otel_metadata import metadata_context, set_request_id
-from otel_metadata import processor as processor_module
 
 
 def _request_under_a_user_root(p, request_id: int) -> None:
@@ -36,12 +36,12 @@ def test_a_request_goes_out_without_a_flush_once_its_root_ends(server, make_pipe
     # A trace wait far beyond the test: only the worker seeing the root end can post it.
     p = make_pipeline(max_trace_wait_millis=600_000)
     _request_under_a_user_root(p, 1)
-    assert server_wait_for(server, lambda: server.metadata.get(1) == {"user_id": "u"})
+    assert wait_for(lambda: server.metadata.get(1) == {"user_id": "u"})
 
 
-def test_span_end_does_not_wait_while_the_worker_is_inside_the_join(server, make_pipeline) -> None:
+def test_span_end_does_not_wait_while_the_worker_is_stuck_in_a_pass(server, make_pipeline) -> None:
     p = make_pipeline()
-    with p.processor._join._lock:  # as when the worker is busy joining a large trace
+    with worker_stuck(p):
         ended = _requests_on_an_app_thread(p, 50)
         assert ended.wait(10), "span.end() waited for the lineage join"
     assert p.flush()
@@ -54,7 +54,7 @@ def test_stats_and_flush_count_spans_ended_just_before(server, make_pipeline) ->
     root.set_attribute("user.id", "u")
     with trace.use_span(root), p.tracer.start_as_current_span("llm"):
         set_request_id(7)
-    assert p.processor.stats()["held_traces"] == 1  # waiting for its root, not lost in transit
+    assert p.settled_stats()["held_traces"] == 1  # waiting for its root, not lost in transit
     root.end()
     assert p.flush()
     assert server.metadata == {7: {"user_id": "u"}}
@@ -88,7 +88,7 @@ def test_a_log_handler_calling_back_into_the_processor_does_not_stall_it(
         with p.tracer.start_as_current_span("llm") as llm:
             llm.set_attribute("promptlayer.request_id", "")  # ignored, with a warning
         _request_under_a_user_root(p, 2)
-        assert server_wait_for(server, lambda: server.metadata.get(2) == {"user_id": "u"},
+        assert wait_for(lambda: server.metadata.get(2) == {"user_id": "u"},
                                timeout=10)
     finally:
         logging.getLogger("otel_metadata").removeHandler(handler)
@@ -100,17 +100,16 @@ def test_a_bare_root_ending_while_its_request_is_being_joined_completes_it(
     p = make_pipeline(max_trace_wait_millis=600_000)
     with metadata_context(user_id="u"):
         root = p.tracer.start_span("handler")
-        with trace.use_span(root), p.tracer.start_as_current_span("llm"):
-            set_request_id(5)
-    with p.processor._join._lock:  # the worker takes the request, then waits to join it
-        assert server_wait_for(server, p.processor._drain_lock.locked)
-        root.end()
-    assert server_wait_for(server, lambda: server.metadata.get(5) == {"user_id": "u"})
+        with trace.use_span(root):
+            # the worker takes the request, then is held before it joins it
+            with worker_stuck(p, **{"promptlayer.request_id": 5}):
+                root.end()
+    assert wait_for(lambda: server.metadata.get(5, {}).get("user_id") == "u")
 
 
 def test_force_flush_honours_its_timeout_while_the_worker_is_stuck(server, make_pipeline) -> None:
     p = make_pipeline()
-    with p.processor._drain_lock:  # as when the worker is stuck in a long pass
+    with worker_stuck(p):
         _request_under_a_user_root(p, 1)
         _request_under_a_user_root(p, 2)
         returned = threading.Event()
@@ -125,12 +124,13 @@ def test_force_flush_honours_its_timeout_while_the_worker_is_stuck(server, make_
 
 def test_a_backlog_past_the_bound_drops_and_counts_without_waiting(
         server, make_pipeline, monkeypatch) -> None:
-    monkeypatch.setattr(processor_module, "_MAX_INBOX", 4)
+    monkeypatch.setattr(intake_module, "MAX_BACKLOG", 4)
     p = make_pipeline()
-    with p.processor._drain_lock:  # the worker cannot keep up (here: cannot move at all)
+    with worker_stuck(p):  # the worker cannot keep up (here: cannot move at all)
         ended = _requests_on_an_app_thread(p, 20)
         assert ended.wait(10), "span.end() waited for the worker"
-    assert p.flush()
+    assert p.flush() is False  # what was dropped is told to the next flush (SPEC §7)...
+    assert p.flush() is True  # ...and to that one only
     stats = p.processor.stats()
     assert stats["dropped.backlog"] > 0
     # What reached the server has its lineage; every request that did not is counted (its own

@@ -10,6 +10,7 @@ from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 
+from conftest import wait_for
 from opentelemetry import baggage, context, trace
 from opentelemetry.baggage.propagation import W3CBaggagePropagator
 from opentelemetry.propagators.composite import CompositePropagator
@@ -104,7 +105,7 @@ def test_long_running_root_posts_after_max_wait_then_a_follow_up(server, make_pi
         llm.set_attribute("promptlayer.metadata.step", "1")
         set_request_id(1)
     # The root is still running: after max_trace_wait the request goes out with what is known.
-    assert server_wait_for(server, lambda: 1 in server.metadata)
+    assert wait_for(lambda: 1 in server.metadata)
     assert server.metadata == {1: {"user_id": "own-user", "step": "1"}}
     root.set_attribute("gen_ai.conversation.id", "conv-late")
     root.set_attribute("promptlayer.metadata.step", "root's weaker step")
@@ -116,21 +117,6 @@ def test_long_running_root_posts_after_max_wait_then_a_follow_up(server, make_pi
                                    "conversation_id": "conv-late"}}
     assert [post.metadata for post in server.accepted()] == [
         {"user_id": "own-user", "step": "1"}, {"conversation_id": "conv-late"}]
-
-
-def server_wait_for(server, condition, timeout: float = 5.0) -> bool:
-    """Wait on the server's own records (no fixed sleep): True once `condition()` holds."""
-    done = threading.Event()
-    deadline = threading.Timer(timeout, done.set)
-    deadline.start()
-    try:
-        while not done.is_set():
-            if condition():
-                return True
-            done.wait(0.01)
-        return condition()
-    finally:
-        deadline.cancel()
 
 
 def test_force_flush_releases_traces_whose_root_is_still_open(server, make_pipeline) -> None:
@@ -292,8 +278,8 @@ def test_memory_cap_posts_the_oldest_trace_early(server, make_pipeline) -> None:
             set_request_id(rid)
         roots.append(root)
     # Traces 1 and 2 were evicted to keep 3 held, and posted early with what was known.
-    assert p.processor.stats()["held_traces"] == 3
-    assert p.processor.stats()["traces_evicted"] == 2
+    stats = p.settled_stats()
+    assert (stats["held_traces"], stats["traces_evicted"]) == (3, 2)
     for root in roots:
         root.end()
     assert p.flush()
@@ -378,7 +364,7 @@ def test_a_log_handler_that_traces_cannot_deadlock_the_app(server, make_pipeline
             worker = threading.Thread(target=app, daemon=True)
             worker.start()
             assert finished.wait(10), "the app thread hung in span.end()"
-            assert p.processor.stats()["dropped.queue_full"] >= 1
+            assert wait_for(lambda: p.processor.stats()["dropped.queue_full"] >= 1)
     finally:
         server.gate.set()
 
@@ -386,7 +372,7 @@ def test_a_log_handler_that_traces_cannot_deadlock_the_app(server, make_pipeline
 def test_keys_of_a_post_given_up_on_travel_again_in_the_follow_up(server, make_pipeline) -> None:
     """An early post fails until its export timeout; the root's follow-up repairs it."""
     from otel_metadata import RetryPolicy
-    from otel_metadata.server import Faults
+    from otel_metadata.testing.track_metadata import Faults
 
     server.faults = Faults(first=(503,) * 6)
     p = make_pipeline(export_timeout_millis=200, retry=RetryPolicy(0.05, 0.05))

@@ -16,9 +16,9 @@ from typing import Any
 
 import pytest
 from instrumented import QUIET_SIGNALS, console_spans, run_app
-from openai_stub import OpenAIStub
 
-from otel_metadata.server import TrackMetadataServer
+from otel_metadata.testing.openai_api import OpenAIStub
+from otel_metadata.testing.track_metadata import TrackMetadataServer
 
 EXAMPLE = Path(__file__).resolve().parent.parent / "examples" / "auto_instrumented_openai.py"
 QUESTIONS = ["What is OpenTelemetry?", "And what is PromptLayer?"]

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from otel_metadata import set_request_id
-from otel_metadata.server import TrackMetadataServer
+from otel_metadata.testing.track_metadata import TrackMetadataServer
 
 
 def test_request_span_metadata_arrives_exactly(server: TrackMetadataServer, make_pipeline) -> None:

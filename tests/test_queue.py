@@ -7,10 +7,10 @@ import time
 from typing import Any
 
 import pytest
-from test_reliability import send
+from conftest import send
 
 from otel_metadata.queue import RecordQueue
-from otel_metadata.server import TrackMetadataServer
+from otel_metadata.testing.track_metadata import TrackMetadataServer
 
 NOW = 0.0
 
@@ -136,7 +136,7 @@ def test_overflow_drops_the_newest_counts_and_logs_once(
     assert server.waiting.acquire(timeout=10)  # the only sender is stuck on request 0
     for rid in range(1, 21):
         send(p, rid, {"n": str(rid)})
-    stats = p.processor.stats()
+    stats = p.settled_stats()
     assert (stats["queued"], stats["dropped.queue_full"]) == (1 + max_queue, 20 - max_queue)
     assert sum("queue full" in r.getMessage() for r in caplog.records) == 1
 

@@ -13,23 +13,14 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator
 from typing import Any
 
 import pytest
 import requests
-from conftest import API_KEY, Pipeline
+from conftest import API_KEY, send
 
-from otel_metadata import set_request_id
-from otel_metadata.server import Faults, TrackMetadataServer
-
-
-def send(p: Pipeline, request_id: int | str, metadata: Mapping[str, Any]) -> None:
-    """End one request span (its own trace) carrying `metadata` as promptlayer.metadata.*."""
-    with p.tracer.start_as_current_span("llm") as span:
-        span.set_attributes({f"promptlayer.metadata.{k}": v for k, v in metadata.items()})
-        set_request_id(request_id)
-
+from otel_metadata.testing.track_metadata import Faults, TrackMetadataServer
 
 # -- the fault modes themselves, seen by a plain client --
 
@@ -274,6 +265,9 @@ provider.add_span_processor(processor)
 with provider.get_tracer("t").start_as_current_span("llm") as span:
     span.set_attribute("user.id", "u-1")
     set_request_id(1)
+deadline = time.monotonic() + 10
+while processor.stats()["queued"] < 1 and time.monotonic() < deadline:
+    time.sleep(0.01)  # the lineage worker queues it
 assert processor.stats()["queued"] == 1
 ended.append(time.monotonic())
 """

@@ -8,18 +8,18 @@ from typing import Any
 
 import pytest
 import requests
-from conftest import API_KEY
+from conftest import API_KEY, send
 from opentelemetry.instrumentation.requests import RequestsInstrumentor
 from opentelemetry.instrumentation.urllib3 import URLLib3Instrumentor
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
-from test_reliability import send
 
 from otel_metadata import MetadataSpanProcessor
 from otel_metadata.config import is_plain_http_to_remote, resolve
 from otel_metadata.delivery import Delivery
-from otel_metadata.server import Faults, TrackMetadataServer
+from otel_metadata.queue import RecordQueue
 from otel_metadata.stats import Stats
+from otel_metadata.testing.track_metadata import Faults, TrackMetadataServer
 from otel_metadata.transport import Transport
 
 WRONG_KEY = "pl-wrong-but-secret-4f9a2c"
@@ -76,7 +76,7 @@ def test_a_rejected_key_from_the_environment_logs_once_names_its_source_and_stop
 def test_the_key_is_in_no_repr() -> None:
     settings = resolve(api_key=API_KEY, base_url="http://127.0.0.1:9")
     transport = Transport(settings.endpoint, API_KEY, 1)
-    delivery = Delivery(settings, Stats())
+    delivery = Delivery(RecordQueue(1, 1, 0), transport, settings, Stats())
     processor = MetadataSpanProcessor(api_key=API_KEY, base_url="http://127.0.0.1:9")
     try:
         for thing in (settings, transport, delivery, processor):

@@ -16,7 +16,7 @@ from opentelemetry.sdk.trace import TracerProvider
 
 from otel_metadata import MetadataSpanProcessor, RetryPolicy
 from otel_metadata.autoconfig import _processor_options, install, installed_processor
-from otel_metadata.server import TrackMetadataServer
+from otel_metadata.testing.track_metadata import TrackMetadataServer
 
 API_KEY = "pl-zero-code-key-0123456789"
 APP = Path(__file__).parent / "apps" / "zero_code_app.py"

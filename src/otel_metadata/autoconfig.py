@@ -24,7 +24,6 @@ in a configuration file) or a processor the app added itself are reused, never d
 
 from __future__ import annotations
 
-import inspect
 import logging
 import threading
 import weakref
@@ -35,6 +34,7 @@ from opentelemetry import trace
 from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
 from opentelemetry.sdk.trace.export import SpanExporter, SpanExportResult
 
+from . import config
 from .processor import MetadataSpanProcessor
 from .retry import RetryPolicy
 
@@ -43,9 +43,8 @@ _logger = logging.getLogger("otel_metadata")
 #: The name to put in ``OTEL_TRACES_EXPORTER`` or under ``span_exporter`` in a config file.
 EXPORTER_NAME = "promptlayer_metadata"
 
-_OPTION_NAMES = frozenset(
-    name for name in inspect.signature(MetadataSpanProcessor.__init__).parameters if name != "self"
-)
+# The settings' arguments (config.py declares each once), and the processor's own `retry`.
+_OPTION_NAMES = config.ARGUMENTS | {"retry"}
 
 _lock = threading.Lock()
 # provider -> (its processor, the options it was built with); weak, so a test's provider can go.

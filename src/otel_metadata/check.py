@@ -21,7 +21,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from importlib.metadata import entry_points
-from typing import Any, TextIO, cast
+from typing import TextIO
 from urllib.parse import urlsplit
 
 from . import config
@@ -65,24 +65,23 @@ def describe(settings: config.Settings) -> str:
     traces_exporter = os.environ.get("OTEL_TRACES_EXPORTER", "")
     listed = EXPORTER_NAME in [name.strip() for name in traces_exporter.split(",")]
     registered = bool(entry_points(group="opentelemetry_traces_exporter", name=EXPORTER_NAME))
-    rows = [
-        ("api_key", key),
-        ("base_url", _shown(s.base_url, config.ENV_BASE_URL)),
-        ("endpoint", s.endpoint),
-        ("schedule_delay", _shown(s.schedule_delay_s * 1000, config.ENV_SCHEDULE_DELAY, "ms")),
-        ("max_queue_size", _shown(s.max_queue_size, config.ENV_MAX_QUEUE_SIZE)),
-        ("max_export_batch_size", _shown(s.max_export_batch_size, config.ENV_MAX_BATCH)),
-        ("export_timeout", _shown(s.export_timeout_s * 1000, config.ENV_EXPORT_TIMEOUT, "ms")),
-        ("max_concurrency", _shown(s.max_concurrency, config.ENV_MAX_CONCURRENCY)),
-        ("max_trace_wait", _shown(s.max_trace_wait_s * 1000, config.ENV_MAX_TRACE_WAIT, "ms")),
-        ("max_traces", _shown(s.max_traces, config.ENV_MAX_TRACES)),
-        ("max_value_length", _shown(s.max_value_length, config.ENV_MAX_VALUE_LENGTH)),
-        ("request_timeout", f"{s.request_timeout_s:g} s (default)"),
-        ("disabled", _shown(s.disabled, config.ENV_DISABLED)),
-        ("zero-code", f"OTEL_TRACES_EXPORTER={traces_exporter or '(unset)'}: "
-                      f"{EXPORTER_NAME} {'listed' if listed else 'not listed'}; entry point "
-                      f"{'registered' if registered else 'MISSING (reinstall otel-metadata)'}"),
-    ]
+    rows = [("api_key", key)]
+    for name, o in config.OPTIONS.items():
+        value = getattr(s, name)
+        if name == "api_key" or not isinstance(value, (bool, int, float, str)):
+            continue
+        shown = value * o.scale if isinstance(value, float) else value
+        text = str(shown).lower() if isinstance(shown, bool) else (
+            f"{shown:g}" if isinstance(shown, float) else str(shown))
+        unit = f" {o.unit}" if o.unit else ""
+        label = name.removesuffix("_s")
+        rows.append((label, f"{text}{unit} ({config.source_of(name, value)})"))
+        if name == "base_url":
+            rows.append(("endpoint", s.endpoint))
+    entry = "registered" if registered else "MISSING (reinstall otel-metadata)"
+    rows.append(("zero-code", f"OTEL_TRACES_EXPORTER={traces_exporter or '(unset)'}: "
+                              f"{EXPORTER_NAME} {'listed' if listed else 'not listed'}; entry "
+                              f"point {entry}"))
     if os.environ.get("OTEL_CONFIG_FILE"):
         rows.append(("config file", f"{os.environ['OTEL_CONFIG_FILE']} (OTEL_CONFIG_FILE): "
                                     "its exporter keys override the values above; not read here"))
@@ -110,22 +109,6 @@ def _zero_code_pitfalls() -> list[str]:
         if not os.environ.get(env, "").strip()
         and not entry_points(group=group, name="otlp_proto_grpc")
     ]
-
-
-def _shown(value: object, env: str, unit: str = "") -> str:
-    """`value` (a number, flag or URL) and its source: the variable, or the default."""
-    text = str(value).lower() if isinstance(value, bool) else f"{value:g}" if isinstance(
-        value, float) else str(value)
-    raw = os.environ.get(env, "").strip()
-    if not raw:
-        source = "default"
-    else:
-        try:
-            used = float(raw) == float(cast(Any, value))
-        except (TypeError, ValueError):
-            used = raw.lower().rstrip("/") == text.lower()
-        source = f"from {env}" if used else f"default: {env} ignored, see the warning"
-    return f"{text}{' ' + unit if unit else ''} ({source})"
 
 
 def diagnose(settings: config.Settings, timeout_s: float) -> Verdict:

@@ -1,156 +1,267 @@
 """Configuration: constructor argument, then environment variable, then default (SPEC §8).
 
-Every setting is resolved here and nowhere else. A bad value never crashes the app: it logs one
-warning that names the variable (or argument) and falls back to the default.
+Each setting is declared once, as a field of `Settings` made by `setting(...)`: its argument
+name, environment variable, default, bounds and unit. Resolution (`resolve`), the display of
+``otel-metadata check`` and the zero-code exporter's keyword arguments all derive from those
+declarations. A bad value never crashes the app: it logs one warning that names the variable
+(or argument) and falls back to the default.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import os
-from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from typing import Any, cast
 from urllib.parse import urlsplit
 
 _logger = logging.getLogger("otel_metadata")
 
 DEFAULT_BASE_URL = "https://api.promptlayer.com"
-DEFAULT_REQUEST_ID_ATTRIBUTES: tuple[str, ...] = ("promptlayer.request_id",)
-
-ENV_API_KEY = "PROMPTLAYER_API_KEY"
-ENV_BASE_URL = "PROMPTLAYER_BASE_URL"
-ENV_SCHEDULE_DELAY = "OTEL_BSP_SCHEDULE_DELAY"
-ENV_MAX_QUEUE_SIZE = "OTEL_BSP_MAX_QUEUE_SIZE"
-ENV_MAX_BATCH = "OTEL_BSP_MAX_EXPORT_BATCH_SIZE"
-ENV_EXPORT_TIMEOUT = "OTEL_BSP_EXPORT_TIMEOUT"
-ENV_DISABLED = "OTEL_SDK_DISABLED"
-ENV_MAX_CONCURRENCY = "PROMPTLAYER_METADATA_MAX_CONCURRENCY"
-ENV_MAX_TRACE_WAIT = "PROMPTLAYER_METADATA_MAX_TRACE_WAIT"
-ENV_MAX_TRACES = "PROMPTLAYER_METADATA_MAX_TRACES"
-ENV_MAX_VALUE_LENGTH = "PROMPTLAYER_METADATA_MAX_VALUE_LENGTH"
-
-# The SDK's defaults for the batch span processor (OTEL_BSP_*), in milliseconds where timed.
-DEFAULT_SCHEDULE_DELAY_MS = 5000
-DEFAULT_MAX_QUEUE_SIZE = 2048
-DEFAULT_MAX_BATCH = 512
-DEFAULT_EXPORT_TIMEOUT_MS = 30000
-DEFAULT_MAX_CONCURRENCY = 8
 MAX_CONCURRENCY = 64  # one sender thread each
-DEFAULT_MAX_TRACE_WAIT_MS = 5000
-DEFAULT_MAX_TRACES = 10_000
-DEFAULT_MAX_VALUE_LENGTH = 1024
-DEFAULT_REQUEST_TIMEOUT_S = 10.0
 
 _LOOPBACK_HOSTS = frozenset({"localhost", "127.0.0.1", "::1"})
+
+# How a raw value (argument or environment text) becomes a setting: a parser raises ValueError
+# with the reason when the value is bad.
+Parser = Callable[[object, "Option"], Any]
+
+
+@dataclass(frozen=True)
+class Option:
+    """One setting's declaration: where it comes from and what values it takes."""
+
+    arg: str | None       # the constructor's keyword (None: environment only)
+    env: str | None       # the environment variable (None: argument only)
+    default: Any
+    parse: Parser
+    minimum: float = -math.inf
+    maximum: float = math.inf
+    unit: str = ""        # as the argument and the variable give it ("ms": stored in seconds)
+    help: str = ""
+
+    @property
+    def scale(self) -> float:
+        return 1000.0 if self.unit == "ms" else 1.0
+
+
+def setting(arg: str | None, env: str | None, default: Any, parse: Parser, **kw: Any) -> Any:
+    """A `Settings` field declared by its `Option` (kept in the field's metadata)."""
+    option = Option(arg, env, default, parse, **kw)
+    return dataclasses.field(metadata={"option": option})
+
+
+# -- parsers: each returns the value or raises ValueError(reason) --
+
+def _integer(raw: object, o: Option) -> int:
+    return int(_in_range(raw, o, integer=True))
+
+
+def _real(raw: object, o: Option) -> float:
+    return _in_range(raw, o, integer=False) / o.scale
+
+
+def _in_range(raw: object, o: Option, *, integer: bool) -> float:
+    why = "not an integer" if integer else "not a finite number"
+    if isinstance(raw, bool):
+        raise ValueError(why)
+    try:
+        value = int(raw) if integer and isinstance(raw, str) else float(cast(Any, raw))
+    except (TypeError, ValueError, OverflowError):
+        raise ValueError(why) from None
+    if not math.isfinite(value) or (integer and value != int(value)):
+        raise ValueError(why)
+    if value < o.minimum:
+        raise ValueError(f"must be >= {o.minimum:g}")
+    if value > o.maximum:
+        raise ValueError(f"must be <= {o.maximum:g}")
+    return value
+
+
+def _flag(raw: object, o: Option) -> bool:
+    if isinstance(raw, bool):
+        return raw
+    text = str(raw).strip().lower()
+    if text in ("true", "false"):
+        return text == "true"
+    raise ValueError("expected 'true' or 'false'")
+
+
+def _url(raw: object, o: Option) -> str:
+    text = raw if isinstance(raw, str) else ""
+    try:
+        parts = urlsplit(text)
+        # `.port` raises ValueError for a port that is not a number within 0-65535.
+        valid = (parts.scheme in ("http", "https") and bool(parts.hostname)
+                 and (parts.port or 0) >= 0)
+    except (TypeError, ValueError, AttributeError):
+        valid = False
+    if not valid or any(ch.isspace() or not ch.isprintable() for ch in text):
+        raise ValueError("expected an http(s) URL")
+    return text.rstrip("/")
+
+
+def _names(raw: object, o: Option) -> tuple[str, ...]:
+    items = [raw] if isinstance(raw, str) else raw if isinstance(raw, (list, tuple)) else []
+    good = tuple(k for k in items if isinstance(k, str) and k)
+    if not good:
+        raise ValueError("expected a non-empty list of attribute names")
+    return good
+
+
+def _str_map(raw: object, o: Option) -> dict[str, str]:
+    if not isinstance(raw, Mapping):
+        raise ValueError("expected a mapping of attribute name to metadata key")
+    good = {k: v for k, v in raw.items() if isinstance(k, str) and isinstance(v, str) and k and v}
+    if len(good) != len(raw):
+        _logger.warning("otel-metadata: %s: ignoring entries that are not str -> str", o.arg)
+    return good
+
+
+def _mapping(raw: object, o: Option) -> dict[str, Any]:
+    if not isinstance(raw, Mapping):
+        raise ValueError("expected a mapping")
+    return dict(raw)
+
+
+def _api_key(raw: object, o: Option) -> str:
+    key = raw.strip() if isinstance(raw, str) else ""
+    if not key:
+        raise ValueError("empty or not a string")
+    if not all("!" <= ch <= "~" for ch in key):
+        # Not the value, not even a part: a header could not carry it, and a log must not.
+        raise ValueError("holds spaces, control or non-ASCII characters, which an HTTP header "
+                         "cannot carry")
+    return key
 
 
 @dataclass(frozen=True)
 class Settings:
-    """The resolved configuration of one processor. `repr` never shows the API key."""
+    """The resolved configuration of one pipeline. `repr` never shows the API key."""
 
-    api_key: str | None = field(repr=False)
-    api_key_source: str | None
-    base_url: str
-    schedule_delay_s: float
-    max_queue_size: int
-    max_export_batch_size: int
-    export_timeout_s: float
-    max_concurrency: int
-    max_trace_wait_s: float
-    max_traces: int
-    max_value_length: int
-    request_timeout_s: float
-    disabled: bool
-    request_id_attributes: tuple[str, ...]
-    extra_attributes: Mapping[str, str]
-    metadata: Mapping[str, Any]
+    api_key: str | None = dataclasses.field(repr=False, metadata={"option": Option(
+        "api_key", "PROMPTLAYER_API_KEY", None, _api_key,
+        help="none: the processor logs one warning and stays inert")})
+    base_url: str = setting("base_url", "PROMPTLAYER_BASE_URL", DEFAULT_BASE_URL, _url)
+    schedule_delay_s: float = setting(
+        "schedule_delay_millis", "OTEL_BSP_SCHEDULE_DELAY", 5.0, _real, minimum=0, unit="ms",
+        help="how long a record may wait for others before it is posted")
+    max_queue_size: int = setting("max_queue_size", "OTEL_BSP_MAX_QUEUE_SIZE", 2048, _integer,
+                                  minimum=1, help="request IDs waiting to be posted")
+    max_export_batch_size: int = setting(
+        "max_export_batch_size", "OTEL_BSP_MAX_EXPORT_BATCH_SIZE", 512, _integer, minimum=1,
+        help="this many waiting records are posted at once, without waiting the delay")
+    export_timeout_s: float = setting(
+        "export_timeout_millis", "OTEL_BSP_EXPORT_TIMEOUT", 30.0, _real, minimum=1, unit="ms",
+        help="how long one record is retried")
+    max_concurrency: int = setting(
+        "max_concurrency", "PROMPTLAYER_METADATA_MAX_CONCURRENCY", 8, _integer, minimum=1,
+        maximum=MAX_CONCURRENCY, help="POSTs in flight")
+    max_trace_wait_s: float = setting(
+        "max_trace_wait_millis", "PROMPTLAYER_METADATA_MAX_TRACE_WAIT", 5.0, _real, minimum=0,
+        unit="ms", help="how long a request waits for its local root to end")
+    max_traces: int = setting("max_traces", "PROMPTLAYER_METADATA_MAX_TRACES", 10_000, _integer,
+                              minimum=1, help="traces held in memory at once")
+    max_value_length: int = setting(
+        "max_value_length", "PROMPTLAYER_METADATA_MAX_VALUE_LENGTH", 1024, _integer, minimum=1,
+        help="longer values are truncated")
+    request_timeout_s: float = setting("request_timeout_s", None, 10.0, _real, minimum=0.001,
+                                       unit="s", help="one POST's timeout")
+    disabled: bool = setting(None, "OTEL_SDK_DISABLED", False, _flag)
+    request_id_attributes: tuple[str, ...] = setting(
+        "request_id_attributes", None, ("promptlayer.request_id",), _names)
+    extra_attributes: Mapping[str, str] = setting("extra_attributes", None, {}, _str_map)
+    metadata: Mapping[str, Any] = setting("metadata", None, {}, _mapping)
+    # Where the key came from, for messages (never the key itself); derived, not an option.
+    api_key_source: str | None = None
 
     @property
     def endpoint(self) -> str:
         return self.base_url.rstrip("/") + "/rest/track-metadata"
 
 
+def options() -> dict[str, Option]:
+    """Every setting's declaration, by its `Settings` field name, in declaration order."""
+    return {f.name: f.metadata["option"] for f in dataclasses.fields(Settings)
+            if "option" in f.metadata}
+
+
+OPTIONS = options()
+ARGUMENTS = frozenset(o.arg for o in OPTIONS.values() if o.arg is not None)
+ENV_API_KEY = OPTIONS["api_key"].env
+ENV_BASE_URL = OPTIONS["base_url"].env
+ENV_DISABLED = OPTIONS["disabled"].env
+
+
+def shown_default(o: Option) -> Any:
+    """The default as the argument and the variable give it (milliseconds for "ms")."""
+    if o.scale != 1.0:
+        value = o.default * o.scale
+        return int(value) if value == int(value) else value
+    return o.default
+
+
 def _warn(name: str, raw: object, default: object, why: str) -> None:
     _logger.warning("otel-metadata: ignoring %s=%r (%s); using %r", name, raw, why, default)
 
 
-def _number(
-    arg: object, arg_name: str, env: str | None, default: float, *, integer: bool,
-    minimum: float, maximum: float = math.inf,
-) -> float:
-    """Argument, then env var, then default; anything but a finite number in range warns."""
-    raw: object
+def _resolve_one(o: Option, arg: object) -> tuple[Any, str | None]:
+    """The value of one setting and where it came from (None: the default)."""
+    sources: list[tuple[object, str]] = []
     if arg is not None:
-        name, raw = arg_name, arg
-    else:
-        raw = os.environ.get(env, "").strip() if env else ""
-        if not raw:
-            return default
-        name = cast(str, env)
-    try:
-        if isinstance(raw, bool):
-            raise ValueError
-        value = int(raw) if integer and isinstance(raw, str) else float(cast(Any, raw))
-        if not math.isfinite(value) or (integer and value != int(value)):
-            raise ValueError
-    except (TypeError, ValueError, OverflowError):
-        _warn(name, raw, default, "not an integer" if integer else "not a finite number")
-        return default
-    if not minimum <= value <= maximum:
-        _warn(name, raw, default, f"must be >= {minimum:g}" if value < minimum
-              else f"must be <= {maximum:g}")
-        return default
-    return int(value) if integer else float(value)
+        sources.append((arg, f"the {o.arg} argument"))
+    env = os.environ.get(o.env, "").strip() if o.env else ""
+    if env:  # an unset and an empty variable mean the same
+        sources.append((env, cast(str, o.env)))
+    for raw, source in sources:
+        try:
+            return o.parse(raw, o), source
+        except ValueError as exc:
+            if o.parse is _api_key:  # never the value, not even a part
+                _logger.warning("otel-metadata: %s is %s; ignoring it", source, exc)
+                continue
+            _warn(str(o.arg) if source.endswith("argument") else source, raw,
+                  shown_default(o), str(exc))
+            break  # a bad argument or variable falls back to the default, not further
+    return o.default, None
 
 
-def _api_key(arg: object) -> tuple[str | None, str | None]:
-    """The key and where it came from (for messages: never the key itself)."""
-    # An unset and an empty environment variable mean the same: no key from there.
-    candidates = ((arg, "the api_key argument"),
-                  (os.environ.get(ENV_API_KEY, "").strip() or None, ENV_API_KEY))
-    for raw, source in candidates:
-        if raw is None:
-            continue
-        key = raw.strip() if isinstance(raw, str) else ""
-        if not key:
-            _logger.warning("otel-metadata: %s is empty or not a string; ignoring it", source)
-        elif not all("!" <= ch <= "~" for ch in key):
-            # Not the value, not even a part: a header could not carry it, and a log must not.
-            _logger.warning("otel-metadata: %s holds spaces, control or non-ASCII characters, "
-                            "which an HTTP header cannot carry; ignoring it", source)
-        else:
-            return key, source
-    return None, None
+def resolve(**args: Any) -> Settings:
+    """Resolve every setting once, warning about (and replacing) each bad value.
+
+    `args` are the constructor's keyword arguments (None: not given); unknown names raise
+    TypeError, as a misspelt keyword would.
+    """
+    unknown = set(args) - ARGUMENTS
+    if unknown:
+        raise TypeError(f"unknown setting(s): {', '.join(sorted(unknown))}")
+    values: dict[str, Any] = {}
+    for name, o in OPTIONS.items():
+        values[name], source = _resolve_one(o, args.get(o.arg) if o.arg else None)
+        if name == "api_key":
+            values["api_key_source"] = source
+    if values["max_export_batch_size"] > values["max_queue_size"]:
+        fallback = min(OPTIONS["max_export_batch_size"].default, values["max_queue_size"])
+        _warn(cast(str, OPTIONS["max_export_batch_size"].env), values["max_export_batch_size"],
+              fallback, f"must not exceed the max queue size {values['max_queue_size']}")
+        values["max_export_batch_size"] = fallback
+    return Settings(**values)
 
 
-def _flag(env: str) -> bool:
-    raw = os.environ.get(env, "").strip().lower()
-    if raw in ("", "false"):
-        return False
-    if raw == "true":
-        return True
-    _warn(env, raw, False, "expected 'true' or 'false'")
-    return False
-
-
-def _base_url(arg: str | None) -> str:
-    name = "base_url" if arg is not None else ENV_BASE_URL
-    raw = arg if arg is not None else os.environ.get(ENV_BASE_URL, "").strip()
+def source_of(name: str, value: object) -> str:
+    """Where setting `name`'s resolved `value` came from, for display: its variable or default."""
+    o = OPTIONS[name]
+    raw = os.environ.get(o.env, "").strip() if o.env else ""
     if not raw:
-        return DEFAULT_BASE_URL
+        return "default"
     try:
-        parts = urlsplit(raw)
-        # `.port` raises ValueError for a port that is not a number within 0-65535.
-        valid = (parts.scheme in ("http", "https") and bool(parts.hostname)
-                 and (parts.port or 0) >= 0)
-    except (TypeError, ValueError, AttributeError):
-        valid = False
-    if not valid or any(ch.isspace() or not ch.isprintable() for ch in raw):
-        _warn(name, raw, DEFAULT_BASE_URL, "expected an http(s) URL")
-        return DEFAULT_BASE_URL
-    return raw.rstrip("/")
+        used = o.parse(raw, o) == value
+    except ValueError:
+        used = False
+    return f"from {o.env}" if used else f"default: {o.env} ignored, see the warning"
 
 
 def is_plain_http_to_remote(base_url: str) -> bool:
@@ -158,91 +269,3 @@ def is_plain_http_to_remote(base_url: str) -> bool:
     parts = urlsplit(base_url)
     host = (parts.hostname or "").lower()
     return parts.scheme == "http" and host not in _LOOPBACK_HOSTS and not host.startswith("127.")
-
-
-def _str_tuple(arg: object, name: str, default: tuple[str, ...]) -> tuple[str, ...]:
-    if arg is None:
-        return default
-    items = [arg] if isinstance(arg, str) else arg if isinstance(arg, (list, tuple)) else []
-    good = tuple(k for k in items if isinstance(k, str) and k)
-    if not good:
-        _warn(name, arg, default, "expected a non-empty list of attribute names")
-        return default
-    return good
-
-
-def _str_map(arg: Mapping[str, str] | None, name: str) -> dict[str, str]:
-    if arg is None:
-        return {}
-    if not isinstance(arg, Mapping):
-        _warn(name, arg, {}, "expected a mapping of attribute name to metadata key")
-        return {}
-    good = {k: v for k, v in arg.items() if isinstance(k, str) and isinstance(v, str) and k and v}
-    if len(good) != len(arg):
-        _logger.warning("otel-metadata: %s: ignoring entries that are not str -> str", name)
-    return good
-
-
-def resolve(
-    *,
-    api_key: str | None = None,
-    base_url: str | None = None,
-    metadata: Mapping[str, Any] | None = None,
-    extra_attributes: Mapping[str, str] | None = None,
-    request_id_attributes: Sequence[str] | None = None,
-    max_value_length: int | None = None,
-    max_concurrency: int | None = None,
-    schedule_delay_millis: float | None = None,
-    max_queue_size: int | None = None,
-    max_export_batch_size: int | None = None,
-    export_timeout_millis: float | None = None,
-    max_trace_wait_millis: float | None = None,
-    max_traces: int | None = None,
-    request_timeout_s: float | None = None,
-) -> Settings:
-    """Resolve every setting once, warning about (and replacing) each bad value."""
-    key, source = _api_key(api_key)
-
-    queue = int(_number(max_queue_size, "max_queue_size", ENV_MAX_QUEUE_SIZE,
-                        DEFAULT_MAX_QUEUE_SIZE, integer=True, minimum=1))
-    batch = int(_number(max_export_batch_size, "max_export_batch_size", ENV_MAX_BATCH,
-                        DEFAULT_MAX_BATCH, integer=True, minimum=1))
-    if batch > queue:
-        _warn(ENV_MAX_BATCH, batch, min(DEFAULT_MAX_BATCH, queue),
-              f"must not exceed the max queue size {queue}")
-        batch = min(DEFAULT_MAX_BATCH, queue)
-
-    if metadata is not None and not isinstance(metadata, Mapping):
-        _warn("metadata", metadata, {}, "expected a mapping")
-        metadata = None
-
-    return Settings(
-        api_key=key,
-        api_key_source=source,
-        base_url=_base_url(base_url),
-        schedule_delay_s=_number(schedule_delay_millis, "schedule_delay_millis",
-                                 ENV_SCHEDULE_DELAY, DEFAULT_SCHEDULE_DELAY_MS, integer=False,
-                                 minimum=0) / 1000,
-        max_queue_size=queue,
-        max_export_batch_size=batch,
-        export_timeout_s=_number(export_timeout_millis, "export_timeout_millis",
-                                 ENV_EXPORT_TIMEOUT, DEFAULT_EXPORT_TIMEOUT_MS, integer=False,
-                                 minimum=1) / 1000,
-        max_concurrency=int(_number(max_concurrency, "max_concurrency", ENV_MAX_CONCURRENCY,
-                                    DEFAULT_MAX_CONCURRENCY, integer=True, minimum=1,
-                                    maximum=MAX_CONCURRENCY)),
-        max_trace_wait_s=_number(max_trace_wait_millis, "max_trace_wait_millis",
-                                 ENV_MAX_TRACE_WAIT, DEFAULT_MAX_TRACE_WAIT_MS, integer=False,
-                                 minimum=0) / 1000,
-        max_traces=int(_number(max_traces, "max_traces", ENV_MAX_TRACES, DEFAULT_MAX_TRACES,
-                               integer=True, minimum=1)),
-        max_value_length=int(_number(max_value_length, "max_value_length", ENV_MAX_VALUE_LENGTH,
-                                     DEFAULT_MAX_VALUE_LENGTH, integer=True, minimum=1)),
-        request_timeout_s=_number(request_timeout_s, "request_timeout_s", None,
-                                  DEFAULT_REQUEST_TIMEOUT_S, integer=False, minimum=0.001),
-        disabled=_flag(ENV_DISABLED),
-        request_id_attributes=_str_tuple(request_id_attributes, "request_id_attributes",
-                                         DEFAULT_REQUEST_ID_ATTRIBUTES),
-        extra_attributes=_str_map(extra_attributes, "extra_attributes"),
-        metadata=dict(metadata or {}),
-    )

@@ -16,14 +16,17 @@ from types import MappingProxyType, TracebackType
 from typing import Any, TypeVar, cast
 
 from opentelemetry import baggage, trace
+from opentelemetry.baggage import _BAGGAGE_KEY
 from opentelemetry.context import Context, attach, create_key, detach, get_current, set_value
 
-from .mapping import METADATA_PREFIX, REQUEST_ID_ATTRIBUTE, check_request_id, stringify
+from .conventions import METADATA_PREFIX
+from .mapping import REQUEST_ID_ATTRIBUTE, check_request_id, stringify
+from .pipeline import live
 
 _logger = logging.getLogger("otel_metadata")
 
 _CONTEXT_KEY = create_key("otel_metadata.values")
-_warned_not_recording = False
+_warned_unlinked = False
 _EMPTY: Mapping[str, str] = MappingProxyType({})
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -32,22 +35,59 @@ _BAGGAGE_NAMES = {"user_id": "user.id", "conversation_id": "gen_ai.conversation.
 
 
 def set_request_id(request_id: int | str, span: trace.Span | None = None) -> None:
-    """Mark `span` (default: the current span) as the span of PromptLayer request `request_id`.
+    """Link PromptLayer request `request_id` to `span` (default: the current span).
 
-    Raises `TypeError`/`ValueError` for None, bool, float or an empty string: a request ID that
-    cannot be posted is a bug worth hearing about at the call site.
+    The span may still be open or have ended already (within ``max_trace_wait`` of its end),
+    and several IDs may be linked to one span: each gets that span's metadata. A span of
+    another tracer provider is linked through its parent chain. Raises `TypeError`/`ValueError`
+    for None, bool, float or an empty string: a request ID that cannot be posted is a bug worth
+    hearing about at the call site.
+    """
+    link_request_id(request_id, span if span is not None else trace.get_current_span(), None)
+
+
+def link_request_id(request_id: int | str, span: trace.Span, started: Context | None) -> None:
+    """`set_request_id` with the context the request was made in (its `metadata_context`
+    values and baggage), captured when the call began (the PromptLayer wrapper uses it).
+
+    Without it, an open span's own start context is used, and for an ended span the current
+    context.
     """
     check_request_id(request_id)
-    target = span if span is not None else trace.get_current_span()
-    if target.is_recording():
-        target.set_attribute(REQUEST_ID_ATTRIBUTE, request_id)
+    ctx = span.get_span_context()
+    pipelines = live()
+    if not ctx.is_valid or not pipelines:
+        _warn_unlinked(request_id, "found no span" if not ctx.is_valid else
+                       "found no running MetadataSpanProcessor")
         return
-    global _warned_not_recording
-    if not _warned_not_recording and os.environ.get("OTEL_SDK_DISABLED", "").lower() != "true":
-        _warned_not_recording = True
-        _logger.warning("otel-metadata: set_request_id(%r) found no recording span, so that "
-                        "request gets no metadata (warned once; is tracing set up, and is the "
-                        "call inside a span?)", request_id)
+    if span.is_recording() and REQUEST_ID_ATTRIBUTE not in (getattr(span, "attributes", None)
+                                                            or {}):
+        # Exporters beside us (and PromptLayer's own OTLP ingestion) see which span it is.
+        span.set_attribute(REQUEST_ID_ATTRIBUTE, request_id)
+    end_ns = getattr(span, "end_time", None)
+    ended_ns = end_ns if isinstance(end_ns, int) and not span.is_recording() else None
+    if started is None and ended_ns is not None:
+        started = get_current()
+    start = None if started is None else (
+        cast(Mapping[str, str] | None, started.get(_CONTEXT_KEY)),
+        cast(Mapping[str, str] | None, started.get(_BAGGAGE_KEY)))
+    # An open span's attributes are read when it ends; an ended one's now.
+    attrs = getattr(span, "attributes", None) if ended_ns is not None else None
+    for pipeline in pipelines:
+        pipeline.link(request_id, ctx.trace_id, ctx.span_id, getattr(span, "parent", None),
+                      attrs if isinstance(attrs, Mapping) else None, ended_ns, start)
+
+
+def _warn_unlinked(request_id: object, why: str) -> None:
+    """Said once per process; counted by every running pipeline (there may be none)."""
+    for pipeline in live():
+        pipeline.stats.add("ignored_request_ids")
+    global _warned_unlinked
+    if not _warned_unlinked and os.environ.get("OTEL_SDK_DISABLED", "").lower() != "true":
+        _warned_unlinked = True
+        _logger.warning("otel-metadata: set_request_id(%r) %s, so that request gets no "
+                        "metadata (warned once; is tracing set up, and is the call inside a "
+                        "span?)", request_id, why)
 
 
 def context_values(context: Context | None = None) -> Mapping[str, str]:

@@ -13,16 +13,14 @@ from __future__ import annotations
 
 import functools
 import logging
-import os
 import threading
 import time
 import traceback
-import weakref
 from collections.abc import Callable
 
 from .config import Settings
 from .mapping import RequestId
-from .queue import Entry, RecordQueue
+from .queue import Entry, RecordStore
 from .retry import RetryPolicy
 from .stats import Stats
 from .transport import Outcome, Transport
@@ -38,16 +36,21 @@ _PERMANENT_HINTS = {
 
 
 class Delivery:
-    """Posts queued records with bounded concurrency, retrying until the export timeout."""
+    """Posts the records of a store with bounded concurrency, retrying until the export timeout.
+
+    The store, the transport and the retry policy are handed in: a durable spool stands where
+    the in-memory queue does, and tests give a transport of their own.
+    """
 
     def __init__(
         self,
+        store: RecordStore,
+        transport: Transport,
         settings: Settings,
         stats: Stats,
         retry: RetryPolicy | None = None,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
-        assert settings.api_key is not None
         self._settings = settings
         # Told of every record given up on, so the lineage join counts its keys as unsent.
         self.on_drop: Callable[[RequestId, dict[str, str]], None] | None = None
@@ -56,30 +59,23 @@ class Delivery:
         self._clock = clock
         self._key_rejected = False
         self._shutdown = False
-        self._start()
-        # A forked child inherits the queue but not the threads: start afresh there.
-        ref = weakref.WeakMethod(self._after_fork)
-        os.register_at_fork(after_in_child=lambda: (m := ref()) and m())
+        self._start(store, transport)
 
-    def _start(self) -> None:
-        s = self._settings
-        assert s.api_key is not None
-        self._queue = RecordQueue(s.max_queue_size, s.max_export_batch_size, s.schedule_delay_s,
-                                  self._clock)
-        self._transport = Transport(s.endpoint, s.api_key, s.max_concurrency)
+    def _start(self, store: RecordStore, transport: Transport) -> None:
+        self._queue = store
+        self._transport = transport
         self._wake = threading.Event()  # set to cut backoff sleeps short at shutdown
         self._threads = [
             threading.Thread(target=self._run, name=f"otel-metadata-sender-{i}", daemon=True)
-            for i in range(s.max_concurrency)
+            for i in range(self._settings.max_concurrency)
         ]
         for thread in self._threads:
             thread.start()
 
-    def _after_fork(self) -> None:
-        if self._shutdown:
-            return
-        self._stats.reset_after_fork()
-        self._start()
+    def after_fork(self, store: RecordStore, transport: Transport) -> None:
+        """A forked child: the parent delivers what it queued; this one starts afresh."""
+        if not self._shutdown:
+            self._start(store, transport)
 
     def __repr__(self) -> str:
         return f"Delivery(endpoint={self._settings.endpoint!r})"

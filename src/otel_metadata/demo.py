@@ -15,7 +15,7 @@ from opentelemetry.sdk.trace import TracerProvider
 
 from .context import metadata_context, set_request_id
 from .processor import MetadataSpanProcessor
-from .server import TrackMetadataServer
+from .testing.track_metadata import TrackMetadataServer
 
 _request_ids = itertools.count(9001)
 

@@ -53,7 +53,7 @@ class SpanData:
     parent_id: int | None
     local_root: bool
     metadata: Mapping[str, str]
-    request_id: RequestId | None = None
+    request_ids: tuple[RequestId, ...] = ()  # several PromptLayer calls may share one span
     context: Mapping[str, str] | None = None
     resource: Mapping[str, str] | None = None
 
@@ -150,6 +150,11 @@ class TraceJoin:
         ended = self.ended_roots.get(trace_id)
         return ended is not None and ended[0] > self._clock()
 
+    def linked(self, trace_id: int, span_id: int) -> bool:
+        """Whether a request ID was linked to this span of a held trace."""
+        trace = self.traces.get(trace_id)
+        return trace is not None and span_id in trace.requests
+
     def __len__(self) -> int:
         return len(self.traces)
 
@@ -166,18 +171,24 @@ class TraceJoin:
             self._owner = me
             try:
                 tid = span.trace_id
-                if tid not in self.traces:
-                    ended = self.ended_roots.pop(tid, None)
-                    if ended is not None:  # its local root ended earlier: hold the trace now
-                        due, span_id, parent_id, metadata = ended
-                        if due > self._clock():
-                            self._add(SpanData(tid, span_id, parent_id, True, dict(metadata)))
-                    elif span.local_root and span.request_id is None:
-                        self._remember_root(span)
-                        return
+                if (tid not in self.traces and not self._restore_root(tid)
+                        and span.local_root and not span.request_ids):
+                    self._remember_root(span)
+                    return
                 self._add(span)
             finally:
                 self._owner = None
+
+    def _restore_root(self, tid: int) -> bool:
+        """A local root of `tid` that ended while nothing else of its trace was known: hold the
+        trace now, with that root in it (if its wait is not over). False when there was none."""
+        ended = self.ended_roots.pop(tid, None)
+        if ended is None:
+            return False
+        due, span_id, parent_id, metadata = ended
+        if due > self._clock():
+            self._add(SpanData(tid, span_id, parent_id, True, dict(metadata)))
+        return True
 
     def _remember_root(self, span: SpanData) -> None:
         roots = self.ended_roots
@@ -197,18 +208,59 @@ class TraceJoin:
         tid = span.trace_id
         trace = self.traces.get(tid)
         if trace is None:
-            if span.local_root and span.request_id is None and self._full_of_open():
+            if span.local_root and not span.request_ids and self._full_of_open():
                 return  # lingering for late request spans is best effort: never evict for it
             trace = self._new_trace(tid)
+        linked = trace.requests.get(span.span_id)
+        if linked is not None:  # linked before it ended: keep the links' IDs and context
+            ids = span.request_ids + tuple(r for r in linked.request_ids
+                                           if r not in span.request_ids)
+            span = SpanData(tid, span.span_id, span.parent_id, span.local_root, span.metadata,
+                            ids, span.context or linked.context,
+                            span.resource or linked.resource)
+        self._record(trace, span, ended=True)
+
+    def link(self, span: SpanData, ended: bool) -> None:
+        """Link `span.request_ids` to a span known by its context, which may still be open
+        (then it is completed when it ends), have ended already, or belong to another tracer
+        provider (then `span.parent_id` leads to the spans we saw). Each ID gets the span's
+        lineage; none replaces another."""
+        if self._owner == threading.get_ident():
+            return
+        with self._locked():
+            tid = span.trace_id
+            if tid not in self.traces:
+                self._restore_root(tid)
+            trace = self.traces.get(tid) or self._new_trace(tid)
+            known = trace.requests.get(span.span_id)
+            if known is not None:
+                ids = known.request_ids + tuple(r for r in span.request_ids
+                                                if r not in known.request_ids)
+                span = SpanData(tid, known.span_id, known.parent_id, known.local_root,
+                                known.metadata, ids, known.context or span.context,
+                                known.resource)
+                ended = ended or known.span_id in trace.roots
+            elif span.span_id in trace.parents:  # it ended and was joined: its own values
+                span = SpanData(tid, span.span_id, trace.parents[span.span_id],
+                                span.span_id in trace.roots,
+                                trace.metadata.get(span.span_id, span.metadata),
+                                span.request_ids, span.context)
+                ended = True
+            self._record(trace, span, ended)
+
+    def _record(self, trace: _Trace, span: SpanData, ended: bool) -> None:
+        """Note `span` in its held trace; post what became complete. An open span (a link made
+        while it runs) only waits: its end completes it."""
+        tid = span.trace_id
         trace.parents[span.span_id] = span.parent_id
         if span.metadata:
             trace.metadata[span.span_id] = span.metadata
-        if span.request_id is not None:
+        if span.request_ids:
             trace.requests[span.span_id] = span
-        if span.local_root:
+        if span.local_root and ended:
             trace.roots.add(span.span_id)
             self._settle(tid, trace)
-        elif span.request_id is not None:
+        elif span.request_ids:
             if trace.phase is self._early or self._root_ended(trace, span):
                 self._post(trace, span)
             elif trace.phase is self._lingering:  # under another, still open, local root
@@ -325,10 +377,14 @@ class TraceJoin:
             self._post(trace, span)
 
     def _post(self, trace: _Trace, span: SpanData) -> None:
-        assert span.request_id is not None
         merged = self._merge(trace, span)
-        sent = trace.sent.setdefault(span.request_id, {})
-        self._sent_in[span.request_id] = trace
+        for request_id in span.request_ids:
+            self._post_one(trace, request_id, merged)
+
+    def _post_one(self, trace: _Trace, request_id: RequestId,
+                  merged: dict[str, tuple[str, int]]) -> None:
+        sent = trace.sent.setdefault(request_id, {})
+        self._sent_in[request_id] = trace
         out: dict[str, str] = {}
         for key, (value, strength) in merged.items():
             before = sent.get(key)
@@ -340,7 +396,7 @@ class TraceJoin:
         if out:
             if len(sent) > len(out):
                 self._stats.add("followups")
-            if not self._emit(span.request_id, out):
+            if not self._emit(request_id, out):
                 for key in out:  # refused: unsent, so a later post carries these keys again
                     del sent[key]
 

@@ -1,7 +1,8 @@
 """The record queue: bounded, coalescing by request ID, with flush bookkeeping (SPEC §7).
 
 `RecordStore` is the interface delivery drains (`put`, `take`, `ack`, `flush`, `close`), so the
-durable spool (SPEC §7a) stands behind the same calls; `RecordQueue` is the in-memory one. Every `put` gets a sequence number; `flush` makes every record put so
+durable spool (SPEC §7a) stands behind the same calls; `RecordQueue` is the in-memory one.
+Every `put` gets a sequence number; `flush` makes every record put so
 far due, waits until each is delivered or has failed, and tells which. A failure is told to
 every flush that covers it and was waiting when it was first told; later flushes do not see it
 again, so one old drop does not make every future flush return False.

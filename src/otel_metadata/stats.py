@@ -27,8 +27,12 @@ STANDARD_COUNTERS: tuple[str, ...] = (
     "ignored_request_ids",        # request IDs of a type PromptLayer cannot take
 )
 
-# How many distinct keys we remember having warned about, so a flood of odd keys cannot grow memory.
+# How many distinct keys of one kind we remember having warned about, so a flood of odd keys
+# cannot grow memory. Each kind has its own budget, so truncated keys never crowd out a 401.
 _MAX_WARNED_KEYS = 1000
+# Kinds whose keys are few and fixed (an HTTP status, a drop reason): warnings SPEC §7 requires.
+# They are never refused for a full budget.
+_UNBOUNDED_KINDS = frozenset({"reject", "drop"})
 
 
 class Stats:
@@ -42,18 +46,27 @@ class Stats:
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._counts: Counter[str] = Counter()
-        self._warned: set[tuple[str, str]] = set()
+        self._warned: dict[str, set[str]] = {}
+        self._losses = 0  # dropped.* and errors so far: a flush reports any since the last one
 
     def add(self, name: str, n: int = 1) -> None:
         with self._lock:
             self._counts[name] += n
+            if name.startswith("dropped.") or name == "errors":
+                self._losses += n
+
+    @property
+    def losses(self) -> int:
+        """How many records were lost (any ``dropped.*``) or spans failed (``errors``) so far."""
+        return self._losses
 
     def first(self, kind: str, key: str) -> bool:
         """True the first time (kind, key) is seen: for logging once per key, not per span."""
         with self._lock:
-            if (kind, key) in self._warned or len(self._warned) >= _MAX_WARNED_KEYS:
+            seen = self._warned.setdefault(kind, set())
+            if key in seen or (len(seen) >= _MAX_WARNED_KEYS and kind not in _UNBOUNDED_KINDS):
                 return False
-            self._warned.add((kind, key))
+            seen.add(key)
             return True
 
     def warn_once(self, kind: str, key: str, message: str, *args: object) -> None:
@@ -72,3 +85,4 @@ class Stats:
         """A forked child starts its own counts: the parent's records are the parent's."""
         self._lock = threading.Lock()
         self._counts = Counter()
+        self._losses = 0

@@ -11,14 +11,14 @@ import json
 import random
 import socket
 import struct
-import sys
 import threading
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from email.message import Message
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Any
+from typing import Any, cast
+
+from ._http import JSONHandler, LocalServer
 
 PATH = "/rest/track-metadata"
 
@@ -97,55 +97,26 @@ class Post:
     at: float = field(default_factory=time.monotonic)
 
 
-class TrackMetadataServer:
+class TrackMetadataServer(LocalServer):
     """A local PromptLayer track-metadata endpoint. Use as a context manager or start()/stop()."""
 
     def __init__(self, api_key: str = "pl-local-demo-key", latency_s: float = 0.0) -> None:
+        super().__init__()
         self.api_key = api_key
         self.latency_s = latency_s
         self.faults: Faults | None = None
         self.metadata: dict[Any, dict[str, str]] = {}
         self.posts: list[Post] = []
-        self.connections = 0
-        self._lock = threading.Lock()
-        self._stopping = threading.Event()  # cuts `slow` answers short at stop()
         # While `gate` is an Event not yet set, requests wait at it (after one `waiting.release()`
         # each, so a test knows a sender is stuck there), then go on as usual.
         self.gate: threading.Event | None = None
         self.waiting = threading.Semaphore(0)
-        self._httpd: ThreadingHTTPServer | None = None
-
-    @property
-    def base_url(self) -> str:
-        assert self._httpd is not None, "server not started"
-        host, port = self._httpd.server_address[:2]
-        return f"http://{host!s}:{port}"
 
     def start(self) -> TrackMetadataServer:
-        server = self
-
-        class Handler(_Handler):
-            owner = server
-
-        self._stopping.clear()
-        self._httpd = _Server(("127.0.0.1", 0), Handler)
-        self._httpd.daemon_threads = True
-        threading.Thread(target=self._httpd.serve_forever, args=(0.05,),
-                         name="track-metadata-server", daemon=True).start()
-        return self
-
-    def stop(self) -> None:
-        if self._httpd is not None:
-            self._stopping.set()
-            self._httpd.shutdown()
-            self._httpd.server_close()
-            self._httpd = None
+        return cast(TrackMetadataServer, super().start())
 
     def __enter__(self) -> TrackMetadataServer:
         return self.start()
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop()
 
     def accepted(self) -> list[Post]:
         with self._lock:
@@ -197,42 +168,8 @@ def validate(
     return 200, "", rid, md
 
 
-class _Server(ThreadingHTTPServer):
-    # socketserver's default backlog of 5 overflows under a burst of reconnects (every reset
-    # costs one), and a SYN dropped by a full backlog is only retried after a second.
-    request_queue_size = 128
-
-    def handle_error(self, request: Any, client_address: Any) -> None:
-        """A client that hung up (its timeout, a reset we injected) is normal here: stay quiet."""
-        if not isinstance(sys.exc_info()[1], ConnectionError):
-            super().handle_error(request, client_address)
-
-
-class _Handler(BaseHTTPRequestHandler):
+class _Handler(JSONHandler):
     owner: TrackMetadataServer
-    protocol_version = "HTTP/1.1"
-
-    def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - the base's name
-        pass
-
-    def setup(self) -> None:
-        super().setup()
-        # Headers and body go out in two writes: without this, Nagle's algorithm and the
-        # client's delayed ACK add 40 ms to every keep-alive answer.
-        self.connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        with self.owner._lock:
-            self.owner.connections += 1
-
-    def _answer(self, status: int, payload: Mapping[str, Any],
-                headers: Mapping[str, str] | None = None) -> None:
-        data = json.dumps(payload).encode()
-        self.send_response(status)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(data)))
-        for name, value in (headers or {}).items():
-            self.send_header(name, value)
-        self.end_headers()
-        self.wfile.write(data)
 
     def _reset(self, reason: str) -> None:
         """Record `reason` and reset the connection: a zero linger makes the close send RST."""
@@ -254,13 +191,11 @@ class _Handler(BaseHTTPRequestHandler):
         if faults is not None and faults.refusing():  # a keep-alive connection from before
             self._reset("refused")
             return
-        try:
-            raw = self.rfile.read(int(self.headers.get("Content-Length") or 0))
-        except ValueError:
-            self._answer(400, {"success": False, "message": "bad Content-Length"})
+        raw = self.read_body()
+        if raw is None:
             return
         if self.path != PATH:
-            self._answer(404, {"success": False, "message": "not found"})
+            self.answer(404, {"success": False, "message": "not found"})
             return
         gate = owner.gate
         if gate is not None and not gate.is_set():
@@ -276,7 +211,7 @@ class _Handler(BaseHTTPRequestHandler):
         if kind == "status":
             owner._record(Post(arg, None, None, "injected"))
             extra = {"Retry-After": faults.retry_after} if arg == 429 and faults else {}
-            self._answer(arg, {"success": False, "message": "injected fault"}, extra)
+            self.answer(arg, {"success": False, "message": "injected fault"}, extra)
             return
         status, reason, rid, md = validate(self.headers, raw, owner.api_key)
         owner._record(Post(status, rid, md, reason or ("answered late" if kind == "slow" else "")))
@@ -285,9 +220,12 @@ class _Handler(BaseHTTPRequestHandler):
         elif owner.latency_s:
             time.sleep(owner.latency_s)
         if status == 200:
-            self._answer(200, {"success": True, "message": "Metadata tracked"})
+            self.answer(200, {"success": True, "message": "Metadata tracked"})
         else:
-            self._answer(status, {"success": False, "message": reason})
+            self.answer(status, {"success": False, "message": reason})
 
     def do_GET(self) -> None:  # noqa: N802
-        self._answer(405 if self.path == PATH else 404, {"success": False})
+        self.answer(405 if self.path == PATH else 404, {"success": False})
+
+
+TrackMetadataServer.handler = _Handler

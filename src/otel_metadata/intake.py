@@ -1,0 +1,292 @@
+"""The intake: every source's spans and request-ID links, handed to one lineage worker (SPEC §7).
+
+Sources (the SDK processor's hooks, the OTLP receiver, the PromptLayer wrapper) call `ended`
+and `link` on whatever thread they run on; those calls only append to a bounded deque (the
+hand-off) and never wait. One worker thread maps what was handed over and feeds the trace join
+in the order it arrived, posts traces whose wait ran out, and sleeps while nothing is held.
+`force_flush`, `shutdown` and fork handling keep one order: join what was handed over, release
+what the join holds, then flush delivery.
+
+Beware: most spans carry nothing for us, so `ended` decides that first with set tests (learnt
+attribute names), and such a span only leaves its parent link behind: keep that path short.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections import deque
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from opentelemetry.sdk.resources import Resource
+
+from .lineage import LINK_GENERATION, SpanData, TraceJoin
+from .mapping import (
+    MappingRules,
+    RequestId,
+    map_attributes,
+    map_baggage,
+    map_values,
+    request_id_of,
+)
+from .queue import MAX_WAIT_S
+from .stats import Stats
+
+_logger = logging.getLogger("otel_metadata")
+
+# Ended spans (and links) handed over and not joined yet, past which spans that carry metadata
+# are dropped (counted): the source's thread never waits for the worker.
+MAX_BACKLOG = 16_384
+
+# What a source hands over for one ended span: trace ID, span ID, parent (a tuple-like
+# (trace_id, span_id, is_remote), e.g. an SDK SpanContext; None for a root), the attributes that
+# matter (None: nothing for us), the (context values, baggage) it started under, its resource.
+Started = tuple[Mapping[str, Any] | None, Mapping[str, Any] | None]
+_Item = tuple[int, int, Any, Any, Any, Any]
+
+
+@dataclass(slots=True)
+class _Link:
+    """A request ID linked to a span by its context: the span may be open, ended, or another
+    tracer provider's (then its parent chain leads to the spans we saw)."""
+
+    request_id: RequestId
+    trace_id: int
+    span_id: int
+    parent: Any
+    attrs: Mapping[str, Any] | None
+    started: Started | None
+    ended: bool
+
+
+class Intake:
+    """The bounded hand-off in front of the trace join, and the worker that drains it."""
+
+    def __init__(self, join: TraceJoin, rules: MappingRules, stats: Stats, *,
+                 max_wait_s: float) -> None:
+        self._join = join
+        self._rules = rules
+        self._irrelevant = rules.irrelevant
+        self._relevant = rules.relevant
+        self._stats = stats
+        self._max_wait_ns = int(max_wait_s * 1e9)
+        self._resource: Resource | None = None
+        self._resource_metadata: Mapping[str, str] = {}
+        self._is_shutdown = False
+        self._fresh_state()
+
+    def _fresh_state(self) -> None:
+        self._inbox: deque[_Item | _Link] = deque()
+        self._drain_lock = threading.Lock()
+        self._drainer: int | None = None  # the thread inside `_drain_locked`
+        self._wake = threading.Event()
+        thread = threading.Thread(target=self._work, name="otel-metadata-lineage", daemon=True)
+        thread.start()
+
+    # -- the sources' side: never raise, never wait --
+
+    def ended(self, trace_id: int, span_id: int, parent: Any, attrs: Mapping[str, Any],
+              started: Started | None, resource: Resource | None) -> bool:
+        """A span ended. False when it carried metadata and was refused (backlog, shutdown):
+        a receiver answers that with backpressure."""
+        inbox, join = self._inbox, self._join
+        item: _Item
+        # `MappingRules.is_relevant`, spelled out to save a call on every span: most spans carry
+        # nothing for us and are told by one set test in C.
+        if not self._irrelevant.issuperset(attrs) and (
+                not self._relevant.isdisjoint(attrs) or self._rules.prefixed_or_learn(attrs)):
+            item = (trace_id, span_id, parent, attrs, started, resource)
+        elif inbox or trace_id in join.traces or trace_id in join.ended_roots:
+            # Its trace may be held: the join must see it, after what was handed off before.
+            item = (trace_id, span_id, parent, None, started, resource)
+        else:
+            if parent is not None and not parent[2]:
+                # Remembered in case a request below it ends later (a streamed response);
+                # as `TraceJoin.note_link` does, without a call.
+                links = join.links
+                links[span_id] = parent[1]
+                if len(links) >= LINK_GENERATION:
+                    join.new_link_generation(links)
+            return True
+        return self._hand_off(item, item[3] is not None)
+
+    def link(self, request_id: RequestId, trace_id: int, span_id: int, parent: Any,
+             attrs: Mapping[str, Any] | None, ended_ns: int | None,
+             started: Started | None) -> None:
+        """Link a request ID to a span. `ended_ns` is the span's end (``time.time_ns()``
+        clock), None while it is open; a link later than the trace wait after the end comes
+        too late for its lineage: counted and warned about, not joined."""
+        if ended_ns is not None and time.time_ns() - ended_ns > self._max_wait_ns:
+            self._stats.add("ignored_request_ids")
+            self._stats.warn_once("late_link", "", "otel-metadata: request %r was linked to a "
+                                  "span that ended more than max_trace_wait ago; it gets no "
+                                  "metadata (link it sooner, or raise "
+                                  "PROMPTLAYER_METADATA_MAX_TRACE_WAIT)", request_id)
+            return
+        relevant = dict(attrs) if attrs else None
+        self._hand_off(_Link(request_id, trace_id, span_id, parent, relevant, started,
+                             ended_ns is not None), True)
+
+    def room(self) -> int:
+        """How many more spans the hand-off takes now."""
+        return 0 if self._is_shutdown else max(0, MAX_BACKLOG - len(self._inbox))
+
+    def __len__(self) -> int:
+        return len(self._inbox)
+
+    def _hand_off(self, item: _Item | _Link, carries: bool) -> bool:
+        inbox = self._inbox
+        if len(inbox) >= MAX_BACKLOG or self._is_shutdown:
+            if carries:  # a span that carries nothing costs its trace nothing
+                self._refuse()
+            return not carries
+        inbox.append(item)
+        if not self._wake.is_set():  # after the append: the worker clears it, then drains
+            self._wake.set()
+        return True
+
+    def _refuse(self) -> None:
+        """After shutdown, or while the worker is `MAX_BACKLOG` behind (spans made faster
+        than their metadata can be joined). Never waits."""
+        if self._is_shutdown:
+            self._stats.add("dropped.shutdown")
+            return
+        self._stats.add("dropped.backlog")
+        self._stats.warn_once("drop", "backlog", "otel-metadata: %d ended spans are waiting to "
+                              "be joined; dropping spans that carry metadata until the worker "
+                              "catches up, and counting them as dropped.backlog", MAX_BACKLOG)
+
+    def error(self, name: object) -> None:
+        """A span a source could not read: counted, and logged once."""
+        self._stats.add("errors")
+        if self._stats.first("error", "span"):
+            _logger.warning("otel-metadata: could not read span %r; skipped", name,
+                            exc_info=True)
+
+    # -- flush and shutdown, in one order: hand-off, join, delivery --
+
+    def drain(self, timeout: float | None = None) -> bool:
+        """Join, in order, what was handed off before this call: one bounded pass.
+
+        False when `timeout` ran out waiting for a pass under way, or when this thread is the
+        one draining (our log record reached a handler that calls back into us).
+        """
+        if not self._inbox:  # an item leaves the inbox only once joined
+            return True
+        me = threading.get_ident()
+        # A lock's timeout overflows the platform's time_t far below inf; NaN: no wait.
+        wait = -1.0 if timeout is None else min(timeout, MAX_WAIT_S) if timeout > 0 else 0.0
+        if self._drainer == me or not self._drain_lock.acquire(timeout=wait):
+            return False
+        self._drainer = me
+        try:
+            self._drain_locked(len(self._inbox))
+        finally:
+            self._drainer = None
+            self._drain_lock.release()
+        return True
+
+    def release(self, timeout: float) -> bool:
+        """Join what was handed over, then post everything the join holds (root ended or not).
+        False when the hand-off could not be joined within `timeout`."""
+        if not self.drain(timeout):
+            return False
+        self._join.release_all()
+        return True
+
+    def shutdown(self, timeout: float) -> None:
+        """Refuse new spans, stop the worker, join and release what is left."""
+        self._is_shutdown = True
+        self._wake.set()  # the worker stops; what it left is joined here
+        self.release(timeout)
+
+    def after_fork(self) -> None:
+        """A forked child: the parent joins what it handed off; start empty with a worker."""
+        if not self._is_shutdown:
+            self._fresh_state()
+
+    # -- the worker --
+
+    def _work(self) -> None:
+        wake, join = self._wake, self._join
+        due: float | None = None
+        while True:
+            # Woken by a hand-off; otherwise when the next held trace is due (never when none).
+            wake.wait(None if due is None else max(0.0, min(due - time.monotonic(), MAX_WAIT_S)))
+            wake.clear()
+            if self._is_shutdown:
+                return
+            try:
+                self.drain()
+                due = join.expire()
+            except Exception:
+                _logger.exception("otel-metadata: lineage worker failed")
+                due = time.monotonic() + 1.0
+
+    def _drain_locked(self, count: int) -> None:
+        inbox, join, rules = self._inbox, self._join, self._rules
+        for _ in range(count):
+            # Left in the inbox until joined, so `ended` still sees that its trace may be held.
+            item = inbox[0]
+            try:
+                if type(item) is _Link:
+                    self._join_link(item)
+                    continue
+                trace_id, span_id, parent, attrs, _, _ = item  # type: ignore[misc]
+                if attrs is not None:
+                    join.add(self._span_data(item, rules.relevant_items(attrs)))  # type: ignore[arg-type]
+                elif join.holds(trace_id):
+                    join.add(self._span_data(item, None))  # type: ignore[arg-type]
+                elif parent is not None and not parent[2]:
+                    join.note_link(span_id, parent[1])
+            except Exception:
+                self.error(getattr(item, "span_id", None) or item[1])  # type: ignore[index]
+            finally:
+                inbox.popleft()
+
+    def _span_data(self, item: _Item, attrs: Mapping[str, Any] | None) -> SpanData:
+        """`attrs`: the span's relevant attributes (None when it has none)."""
+        trace_id, span_id, parent, _, started, resource = item
+        rules, stats = self._rules, self._stats
+        metadata = map_attributes(attrs, rules, stats) if attrs else {}
+        request_id = request_id_of(attrs, rules.request_id_attributes, stats) if attrs else None
+        context_md = resource_md = None
+        # Only a request span needs its start context and resource: one by its attribute, or
+        # one a link named before it ended.
+        if request_id is not None or self._join.linked(trace_id, span_id):
+            context_md = self._map_started(started)
+            resource_md = self._map_resource(resource)
+        return SpanData(trace_id, span_id, parent[1] if parent is not None else None,
+                        parent is None or parent[2], metadata,
+                        (request_id,) if request_id is not None else (), context_md, resource_md)
+
+    def _join_link(self, link: _Link) -> None:
+        rules, stats = self._rules, self._stats
+        attrs = rules.relevant_items(link.attrs) if link.attrs else None
+        parent = link.parent
+        span = SpanData(link.trace_id, link.span_id, parent[1] if parent is not None else None,
+                        parent is None or parent[2],
+                        map_attributes(attrs, rules, stats) if attrs else {},
+                        (link.request_id,), self._map_started(link.started))
+        self._join.link(span, link.ended)
+
+    def _map_started(self, started: Started | None) -> dict[str, str] | None:
+        if started is None:
+            return None
+        values, bag = started
+        context_md = map_baggage(bag, self._rules, self._stats) if bag else {}
+        context_md.update(map_values(values or {}, self._rules, self._stats))  # beats baggage
+        return context_md
+
+    def _map_resource(self, resource: Resource | None) -> Mapping[str, str]:
+        if resource is None:
+            return {}
+        if resource is not self._resource:
+            self._resource_metadata = map_attributes(resource.attributes, self._rules,
+                                                     self._stats)
+            self._resource = resource
+        return self._resource_metadata
+

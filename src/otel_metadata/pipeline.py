@@ -1,0 +1,128 @@
+"""One pipeline: intake → lineage join → record store → delivery → transport (SPEC §6, §7).
+
+Every source feeds a `Pipeline` the same way: the SDK processor (`processor.py`) and the OTLP
+receiver each build one from resolved `config.Settings` and hand spans to its `intake`. Flush,
+shutdown and fork keep one order for the whole of it: join what was handed over, release what
+the join holds, then flush delivery. Live pipelines are known (weakly) so that
+`set_request_id` can reach them.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+import weakref
+from collections.abc import Mapping
+from typing import Any
+
+from .config import Settings
+from .delivery import Delivery
+from .forking import ForkGuard
+from .intake import Intake, Started
+from .lineage import TraceJoin
+from .mapping import MappingRules, RequestId, map_values
+from .queue import RecordQueue, RecordStore
+from .retry import RetryPolicy
+from .stats import Stats
+from .transport import Transport
+
+_logger = logging.getLogger("otel_metadata")
+
+# Counters worth a line at shutdown when not zero.
+_TROUBLE = ("dropped", "rejected", "ignored", "truncated", "errors")
+
+_live: weakref.WeakSet[Pipeline] = weakref.WeakSet()
+
+
+class Pipeline:
+    """The running parts behind one source. Needs an API key (`settings.api_key`)."""
+
+    def __init__(self, settings: Settings, retry: RetryPolicy | None = None) -> None:
+        assert settings.api_key is not None
+        self.settings = s = settings
+        self.stats = Stats()
+        self.rules = MappingRules(s.request_id_attributes, s.extra_attributes,
+                                  s.max_value_length)
+        self._retry = retry
+        self._is_shutdown = False
+        self._flushed_losses = 0  # `stats.losses` when the previous flush returned
+        self.delivery = Delivery(self._store(), self._transport(), s, self.stats, retry)
+        self.join = TraceJoin(self.delivery.submit, static=map_values(s.metadata, self.rules,
+                              self.stats), max_traces=s.max_traces,
+                              max_wait_s=s.max_trace_wait_s, stats=self.stats)
+        self.delivery.on_drop = self.join.unsend
+        self.intake = Intake(self.join, self.rules, self.stats, max_wait_s=s.max_trace_wait_s)
+        self._fork_guard = ForkGuard(self._after_fork)
+        _live.add(self)
+
+    def _store(self) -> RecordStore:
+        s = self.settings
+        return RecordQueue(s.max_queue_size, s.max_export_batch_size, s.schedule_delay_s)
+
+    def _transport(self) -> Transport:
+        assert self.settings.api_key is not None
+        return Transport(self.settings.endpoint, self.settings.api_key,
+                         self.settings.max_concurrency)
+
+    def link(self, request_id: RequestId, trace_id: int, span_id: int, parent: Any,
+             attrs: Mapping[str, Any] | None, ended_ns: int | None,
+             started: Started | None) -> None:
+        """Link a request ID to a span (see `Intake.link`)."""
+        self._fork_guard.check()
+        self.intake.link(request_id, trace_id, span_id, parent, attrs, ended_ns, started)
+
+    def force_flush(self, timeout_millis: float = 30000) -> bool:
+        """Post every held trace now, then wait for delivery: True when everything recorded
+        before the call was delivered and nothing was lost since the previous flush."""
+        if not isinstance(timeout_millis, (int, float)) or isinstance(timeout_millis, bool):
+            timeout_millis = 30000
+        self._fork_guard.check()
+        timeout_s = timeout_millis / 1000
+        deadline = time.monotonic() + timeout_s
+        before = self._flushed_losses
+        ok = (self.intake.release(timeout_s)
+              and self.delivery.force_flush(max(0.0, deadline - time.monotonic())))
+        self._flushed_losses = losses = self.stats.losses
+        return ok and losses == before
+
+    def shutdown(self) -> None:
+        """Flush (bounded by the export timeout), stop the threads; safe to call twice."""
+        if self._is_shutdown:
+            return
+        self._is_shutdown = True
+        _live.discard(self)
+        timeout_s = self.settings.export_timeout_s
+        deadline = time.monotonic() + timeout_s
+        try:
+            self.intake.shutdown(timeout_s)
+            self.delivery.shutdown(max(0.0, deadline - time.monotonic()))
+        except Exception:  # never let our trouble break the provider's shutdown at exit
+            _logger.exception("otel-metadata: shutdown failed")
+        self.join.clear()
+        counts = self.snapshot()
+        trouble = {k: v for k, v in counts.items() if k.startswith(_TROUBLE) and v}
+        if trouble:
+            _logger.warning("otel-metadata: at shutdown: %s (delivered %d)",
+                            ", ".join(f"{k}={v}" for k, v in sorted(trouble.items())),
+                            counts.get("delivered", 0))
+
+    def snapshot(self) -> dict[str, int]:
+        """Counts of what happened so far, plus what waits: never waits itself."""
+        counts = self.stats.snapshot()
+        counts["held_traces"] = len(self.join)
+        counts["backlog"] = len(self.intake)
+        return counts
+
+    def _after_fork(self) -> None:
+        if self._is_shutdown:
+            return
+        self.stats.reset_after_fork()
+        self._flushed_losses = 0
+        self.join.clear()
+        self.intake.after_fork()
+        self.delivery.after_fork(self._store(), self._transport())
+
+
+def live() -> list[Pipeline]:
+    """The pipelines running in this process (for `set_request_id`)."""
+    return list(_live)
