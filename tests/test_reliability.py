@@ -165,6 +165,19 @@ def test_retry_after_is_honoured(server: TrackMetadataServer, make_pipeline) -> 
     assert accepted.at - refused.at >= 1.0  # the fast test policy alone would retry in 10 ms
 
 
+@pytest.mark.parametrize("retry_after", ["²", "0.05", "soon"])
+def test_a_429_with_any_retry_after_is_retried_not_lost(
+    server: TrackMetadataServer, make_pipeline: Any, retry_after: str,
+) -> None:
+    """A Retry-After we cannot read ("²" passes str.isdigit) falls back to our own backoff."""
+    server.faults = Faults(first=(429,), retry_after=retry_after)
+    p = make_pipeline()
+    send(p, 1, {"a": "b"})
+    assert p.flush()
+    assert server.metadata == {1: {"a": "b"}}
+    assert p.processor.stats()["dropped.error"] == 0
+
+
 def test_400_and_422_are_not_retried_and_logged_once_per_kind(
     server: TrackMetadataServer, make_pipeline: Any, caplog: pytest.LogCaptureFixture,
 ) -> None:

@@ -6,6 +6,8 @@ from datetime import datetime, timedelta, timezone
 from email.utils import format_datetime
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from otel_metadata.retry import MAX_RETRY_AFTER_S, RetryPolicy, parse_retry_after
 
@@ -42,7 +44,14 @@ NOW = datetime(2026, 1, 1, 12, 0, 0, tzinfo=timezone.utc)
     ("7", 7.0), (" 0 ", 0.0), (format_datetime(NOW + timedelta(seconds=30), usegmt=True), 30.0),
     (format_datetime(NOW - timedelta(seconds=30), usegmt=True), 0.0),
     ("999999999999", MAX_RETRY_AFTER_S), (None, None), ("", None), ("-5", None),
-    ("soon", None), ("1.5", None),
+    ("soon", None), ("1.5", 1.5), ("0.25", 0.25), ("²", None), ("١", None), ("1e3", None),
+    ("1.", None), (".5", None), ("1.5.2", None),
 ])
 def test_parse_retry_after(header: str | None, seconds: float | None) -> None:
     assert parse_retry_after(header, now=NOW) == seconds
+
+
+@given(st.text())
+def test_parse_retry_after_never_raises(header: str) -> None:
+    seconds = parse_retry_after(header, now=NOW)
+    assert seconds is None or 0.0 <= seconds <= MAX_RETRY_AFTER_S

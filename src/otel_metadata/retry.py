@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import random
+import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from email.utils import parsedate_to_datetime
 
+# delta-seconds (RFC 9110), and the decimals some servers send ("1.5").
+_DELTA_SECONDS = re.compile(r"[0-9]+(?:\.[0-9]+)?", re.ASCII)
 # A server asking for more than a day is taken to mean a day (a sleep must fit the platform).
 MAX_RETRY_AFTER_S = 86_400.0
 
@@ -49,11 +52,12 @@ class RetryPolicy:
 
 
 def parse_retry_after(value: str | None, now: datetime | None = None) -> float | None:
-    """``Retry-After`` as seconds from now: delta-seconds or an HTTP date; None if absent/bad."""
+    """``Retry-After`` as seconds from now: delta-seconds (decimals too) or an HTTP date; None
+    if absent or not understood (then our own backoff applies)."""
     if not value:
         return None
     value = value.strip()
-    if value.isdigit():
+    if _DELTA_SECONDS.fullmatch(value):  # ASCII digits only: "²".isdigit() is True
         return min(float(value), MAX_RETRY_AFTER_S)
     try:
         when = parsedate_to_datetime(value)
