@@ -75,7 +75,7 @@ class MetadataSampler(Sampler):
                                      trace_state)
         if result.decision is not _DROP:
             return result
-        kept = result.attributes
+        kept: Attributes = result.attributes
         if attributes:
             kept = {**attributes, **kept} if kept else attributes
         return SamplingResult(_RECORD_ONLY, kept, result.trace_state)
