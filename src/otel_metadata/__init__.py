@@ -6,6 +6,9 @@
 from .context import metadata_context, set_request_id
 from .processor import MetadataSpanProcessor
 from .retry import RetryPolicy
+from .sampler import MetadataSampler
 
-__all__ = ["MetadataSpanProcessor", "RetryPolicy", "metadata_context", "set_request_id"]
+__all__ = [
+    "MetadataSampler", "MetadataSpanProcessor", "RetryPolicy", "metadata_context", "set_request_id",
+]
 __version__ = "0.1.0"
