@@ -28,7 +28,7 @@ from opentelemetry.trace import NonRecordingSpan, SpanContext, SpanKind, TraceFl
 
 from otel_metadata import MetadataSampler
 from otel_metadata.sampler import SAMPLER_NAME
-from otel_metadata.server import TrackMetadataServer
+from otel_metadata.testing.track_metadata import TrackMetadataServer
 
 TRACES = 1000
 RATIO = 0.05
