@@ -51,6 +51,9 @@ _SUPPRESS_KEYS = tuple(
 # CA bundle variables, in the order `requests` reads its two; SSL_CERT_FILE is OpenSSL's own.
 CA_BUNDLE_VARS = ("REQUESTS_CA_BUNDLE", "CURL_CA_BUNDLE", "SSL_CERT_FILE")
 
+# No retries and no redirects inside urllib3 (delivery retries); one object, not one per POST.
+_NO_RETRIES = urllib3.Retry(total=False, redirect=False)
+
 # Network errors by the names `requests` gave them, which logs and `otel-metadata check` use;
 # most specific first (a NewConnectionError is also a ConnectTimeoutError).
 _ERROR_NAMES: tuple[tuple[type[Exception], str], ...] = (
@@ -133,8 +136,8 @@ class Transport:
         self.endpoint = endpoint
         self._stats = stats or Stats()
         self.ca_bundle = ca_bundle()
-        self.proxy = proxy_for(endpoint)
-        proxy_parts = urlsplit(self.proxy or "")
+        self._proxy = proxy_for(endpoint)
+        proxy_parts = urlsplit(self._proxy or "")
         # The key as text, as Python quotes it (error messages use repr) and as JSON quotes it;
         # a proxy's password too, since urllib3's proxy errors may quote its URL.
         secrets = {api_key, repr(api_key)[1:-1], json.dumps(api_key)[1:-1]}
@@ -150,13 +153,13 @@ class Transport:
         self._pool = self._manager.connection_from_url(endpoint)
         # Through a proxy that forwards (plain http), the request line holds the whole URL.
         parts = urlsplit(endpoint)
-        plain_proxied = self.proxy is not None and parts.scheme == "http"
+        plain_proxied = self._proxy is not None and parts.scheme == "http"
         self._target = endpoint if plain_proxied else (parts.path or "/") + (
             f"?{parts.query}" if parts.query else "")
 
     def _pool_manager(self, pool_size: int) -> urllib3.PoolManager:
         options: dict[str, object] = {"num_pools": 1, "maxsize": pool_size, "block": False}
-        if self.endpoint.startswith("https:") or (self.proxy or "").startswith("https:"):
+        if self.endpoint.startswith("https:") or (self._proxy or "").startswith("https:"):
             context = create_urllib3_context()
             if self.ca_bundle is None:
                 context.load_default_certs()
@@ -165,15 +168,15 @@ class Transport:
             else:
                 context.load_verify_locations(cafile=self.ca_bundle)
             options["ssl_context"] = context
-        if self.proxy is None:
+        if self._proxy is None:
             return urllib3.PoolManager(**options)  # type: ignore[arg-type]
-        proxy = urlsplit(self.proxy)
+        proxy = urlsplit(self._proxy)
         if proxy.username is not None:
             auth = f"{unquote(proxy.username)}:{unquote(proxy.password or '')}"
             options["proxy_headers"] = urllib3.make_headers(proxy_basic_auth=auth)
         if proxy.scheme == "https":
             options["proxy_ssl_context"] = options["ssl_context"]
-        return urllib3.ProxyManager(self.proxy, **options)  # type: ignore[arg-type]
+        return urllib3.ProxyManager(self._proxy, **options)  # type: ignore[arg-type]
 
     def __repr__(self) -> str:
         return f"Transport(endpoint={self.endpoint!r})"
@@ -203,7 +206,7 @@ class Transport:
             with suppressed_instrumentation():
                 response = self._pool.urlopen(
                     "POST", self._target, body=body, headers=self._headers, timeout=timeout,
-                    retries=False, redirect=False, assert_same_host=False)
+                    retries=_NO_RETRIES, redirect=False, assert_same_host=False)
         except (urllib3.exceptions.HTTPError, OSError) as exc:
             # urllib3's messages hold the URL, not headers; redacted all the same, as is the
             # answer's body below (a server may echo what it was sent).
