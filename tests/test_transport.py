@@ -210,6 +210,17 @@ def test_the_tls_warning_goes_through_the_callers_stats(
     assert len([r for r in caplog.records if "certificate verify failed" in r.getMessage()]) == 1
 
 
+def test_a_ca_bundle_that_cannot_be_read_is_said_and_trusts_nothing(
+    tls_server: TrackMetadataServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    missing = tmp_path / "no-such-ca.pem"
+    monkeypatch.setenv("SSL_CERT_FILE", str(missing))
+    outcome = post_one(Transport(https_endpoint(tls_server), API_KEY, 1))
+    assert outcome.status is None and outcome.error == "SSLError"
+    assert f"cannot load the CA bundle {missing}" in caplog.text
+
+
 def test_the_ca_bundle_is_read_once_at_construction(
     tls_server: TrackMetadataServer, ca_file: tuple[trustme.CA, Path],
     monkeypatch: pytest.MonkeyPatch,

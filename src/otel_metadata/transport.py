@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import os
+import ssl
 import urllib.request
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
@@ -137,13 +138,9 @@ class Transport:
         self._stats = stats or Stats()
         self.ca_bundle = ca_bundle()
         self._proxy = proxy_for(endpoint)
-        proxy_parts = urlsplit(self._proxy or "")
-        # The key as text, as Python quotes it (error messages use repr) and as JSON quotes it;
-        # a proxy's password too, since urllib3's proxy errors may quote its URL.
-        secrets = {api_key, repr(api_key)[1:-1], json.dumps(api_key)[1:-1]}
-        if proxy_parts.password:
-            secrets |= {proxy_parts.password, unquote(proxy_parts.password)}
-        self._secrets = sorted(secrets, key=len, reverse=True)
+        # The key as text, as Python quotes it (error messages use repr) and as JSON quotes it.
+        self._secrets = sorted({api_key, repr(api_key)[1:-1], json.dumps(api_key)[1:-1]},
+                               key=len, reverse=True)
         # A line break would let the key end the header; http.client would refuse it on every
         # POST, quoting it. Refused here instead (configuration never lets such a key through).
         self._unsendable = any(ch in api_key for ch in "\r\n")
@@ -160,14 +157,7 @@ class Transport:
     def _pool_manager(self, pool_size: int) -> urllib3.PoolManager:
         options: dict[str, object] = {"num_pools": 1, "maxsize": pool_size, "block": False}
         if self.endpoint.startswith("https:") or (self._proxy or "").startswith("https:"):
-            context = create_urllib3_context()
-            if self.ca_bundle is None:
-                context.load_default_certs()
-            elif os.path.isdir(self.ca_bundle):
-                context.load_verify_locations(capath=self.ca_bundle)
-            else:
-                context.load_verify_locations(cafile=self.ca_bundle)
-            options["ssl_context"] = context
+            options["ssl_context"] = self._ssl_context()
         if self._proxy is None:
             return urllib3.PoolManager(**options)  # type: ignore[arg-type]
         proxy = urlsplit(self._proxy)
@@ -177,6 +167,26 @@ class Transport:
         if proxy.scheme == "https":
             options["proxy_ssl_context"] = options["ssl_context"]
         return urllib3.ProxyManager(self._proxy, **options)  # type: ignore[arg-type]
+
+    def _ssl_context(self) -> ssl.SSLContext:
+        """One context for every connection, trusting `ca_bundle`: loaded once, not per connect.
+
+        A bundle that cannot be read leaves it trusting nothing (HTTPS then fails, and says why):
+        never unverified.
+        """
+        context = create_urllib3_context()
+        try:
+            if self.ca_bundle is None:
+                context.load_default_certs()
+            elif os.path.isdir(self.ca_bundle):
+                context.load_verify_locations(capath=self.ca_bundle)
+            else:
+                context.load_verify_locations(cafile=self.ca_bundle)
+        except (OSError, ValueError) as exc:  # missing, unreadable, or not PEM (ssl.SSLError)
+            self._stats.warn_once("tls", f"ca:{self.ca_bundle}", "otel-metadata: cannot load the "
+                                  "CA bundle %s (%s); HTTPS to %s will fail until it can",
+                                  self.ca_bundle, exc, self.endpoint)
+        return context
 
     def __repr__(self) -> str:
         return f"Transport(endpoint={self.endpoint!r})"
