@@ -13,6 +13,7 @@ import http.client
 import logging
 import selectors
 import socket
+import socketserver
 import ssl
 import sys
 import threading
@@ -50,25 +51,34 @@ def ca_file(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[trustme.
     yield ca, path
 
 
-@pytest.fixture
-def tls_server(ca_file: tuple[trustme.CA, Path]) -> Iterator[TrackMetadataServer]:
-    """The strict server over TLS, with a certificate for 127.0.0.1 signed by the test's CA."""
+def serve_tls(httpd: socketserver.TCPServer, context: ssl.SSLContext) -> None:
+    """Make `httpd` speak TLS: done before any client connects; each handshake happens in its
+    connection's thread. A client refusing the certificate is what some tests make happen, so
+    that failure prints no traceback."""
+    httpd.socket = context.wrap_socket(httpd.socket, server_side=True,
+                                       do_handshake_on_connect=False)
+    loud = httpd.handle_error
+
+    def handle_error(request: Any, client_address: Any) -> None:
+        if not isinstance(sys.exc_info()[1], ssl.SSLError):
+            loud(request, client_address)
+
+    httpd.handle_error = handle_error  # type: ignore[method-assign]
+
+
+def server_context(ca_file: tuple[trustme.CA, Path]) -> ssl.SSLContext:
+    """A server's TLS context, with a certificate for 127.0.0.1 signed by the test's CA."""
     context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
     ca_file[0].issue_cert("127.0.0.1").configure_cert(context)
+    return context
+
+
+@pytest.fixture
+def tls_server(ca_file: tuple[trustme.CA, Path]) -> Iterator[TrackMetadataServer]:
+    """The strict server over TLS."""
     with TrackMetadataServer(api_key=API_KEY) as srv:
-        httpd = srv._httpd
-        assert httpd is not None
-        # Before any client connects; the handshake happens in the connection's own thread.
-        httpd.socket = context.wrap_socket(httpd.socket, server_side=True,
-                                           do_handshake_on_connect=False)
-        loud = httpd.handle_error
-
-        def handle_error(request: Any, client_address: Any) -> None:
-            # A client refusing the certificate is what some tests make happen: no traceback.
-            if not isinstance(sys.exc_info()[1], ssl.SSLError):
-                loud(request, client_address)
-
-        httpd.handle_error = handle_error  # type: ignore[method-assign]
+        assert srv._httpd is not None
+        serve_tls(srv._httpd, server_context(ca_file))
         yield srv
 
 
@@ -80,7 +90,7 @@ class Proxy:
     """An HTTP proxy on 127.0.0.1: tunnels CONNECT (https), forwards absolute-form requests
     (plain http). `seen` holds each request line and its headers (names lower-cased)."""
 
-    def __init__(self) -> None:
+    def __init__(self, tls: ssl.SSLContext | None = None) -> None:
         self.seen: list[tuple[str, dict[str, str]]] = []
         self._stopping = threading.Event()
         owner = self
@@ -90,7 +100,10 @@ class Proxy:
 
         self._httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
         self._httpd.daemon_threads = True
-        self.url = f"http://127.0.0.1:{self._httpd.server_address[1]}"
+        if tls is not None:
+            serve_tls(self._httpd, tls)
+        scheme = "https" if tls else "http"
+        self.url = f"{scheme}://127.0.0.1:{self._httpd.server_address[1]}"
         threading.Thread(target=self._httpd.serve_forever, args=(0.05,), daemon=True).start()
 
     def lines(self) -> list[str]:
@@ -124,15 +137,22 @@ class _ProxyHandler(BaseHTTPRequestHandler):
 
     def _pipe(self, upstream: socket.socket) -> None:
         """Copy bytes both ways until either side closes (or the proxy stops)."""
+        for sock in (self.connection, upstream):  # no Nagle delay on each relayed write
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         with selectors.DefaultSelector() as selector:
             selector.register(self.connection, selectors.EVENT_READ, upstream)
             selector.register(upstream, selectors.EVENT_READ, self.connection)
             while not self.proxy._stopping.is_set():
                 for key, _ in selector.select(0.05):
-                    data = key.fileobj.recv(65536)  # type: ignore[union-attr]
-                    if not data:
-                        return
-                    key.data.sendall(data)
+                    source: socket.socket = key.fileobj  # type: ignore[assignment]
+                    while True:
+                        data = source.recv(65536)
+                        if not data:
+                            return
+                        key.data.sendall(data)
+                        # TLS from the client: decrypted bytes may wait that select cannot see.
+                        if not isinstance(source, ssl.SSLSocket) or not source.pending():
+                            break
 
     def do_POST(self) -> None:  # noqa: N802
         self._note()
@@ -247,6 +267,25 @@ def test_https_goes_through_the_proxy_the_environment_names_in_a_tunnel(
     assert proxy.lines() == [f"CONNECT {host}:{port}"]
     # The key went inside the tunnel, encrypted; the proxy never saw it.
     assert all(API_KEY not in repr(headers) for _, headers in proxy.seen)
+
+
+@pytest.mark.parametrize("endpoint_scheme", ["https", "http"])
+def test_a_proxy_reached_over_https_is_verified_with_the_same_ca_bundle(
+    server: TrackMetadataServer, tls_server: TrackMetadataServer,
+    ca_file: tuple[trustme.CA, Path], endpoint_scheme: str, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    tls_proxy = Proxy(tls=server_context(ca_file))
+    try:
+        monkeypatch.setenv("REQUESTS_CA_BUNDLE", str(ca_file[1]))
+        monkeypatch.setenv("ALL_PROXY", tls_proxy.url)
+        target = tls_server if endpoint_scheme == "https" else server
+        endpoint = https_endpoint(tls_server) if target is tls_server else server.base_url + PATH
+        outcome = post_one(Transport(endpoint, API_KEY, 1))
+        assert outcome.status == 200 and target.metadata == {1: {"user_id": "u-1"}}
+        assert [line.split()[0] for line in tls_proxy.lines()] == [
+            "CONNECT" if target is tls_server else "POST"]
+    finally:
+        tls_proxy.close()
 
 
 @pytest.mark.parametrize("variable", ["HTTP_PROXY", "http_proxy"])
