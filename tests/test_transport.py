@@ -27,8 +27,8 @@ import pytest
 import trustme
 from conftest import API_KEY
 
-from otel_metadata.server import PATH, TrackMetadataServer
 from otel_metadata.stats import Stats
+from otel_metadata.testing.track_metadata import PATH, TrackMetadataServer
 from otel_metadata.transport import CA_BUNDLE_VARS, Transport
 
 PROXY_VARS = ("HTTPS_PROXY", "HTTP_PROXY", "ALL_PROXY", "NO_PROXY")

@@ -62,7 +62,7 @@ class Pipeline:
     def _transport(self) -> Transport:
         assert self.settings.api_key is not None
         return Transport(self.settings.endpoint, self.settings.api_key,
-                         self.settings.max_concurrency)
+                         self.settings.max_concurrency, self.stats)
 
     def link(self, request_id: RequestId, trace_id: int, span_id: int, parent: Any,
              attrs: Mapping[str, Any] | None, ended_ns: int | None,
