@@ -53,6 +53,8 @@ class Pipeline:
         self.delivery.on_drop = self.join.unsend
         self.intake = Intake(self.join, self.rules, self.stats, max_wait_s=s.max_trace_wait_s)
         self._fork_guard = ForkGuard(self._after_fork)
+        if self._fork_guard.polling:
+            self.intake.fork_check = self._fork_guard.check
         _live.add(self)
 
     def _store(self) -> RecordStore:
