@@ -127,10 +127,12 @@ class Receiver:
         with self._lock:
             room = 0 if self._closed else self._intake.room()
             self._capacity = max(self._capacity, room)
-            if room < len(spans) and (self._closed or len(spans) <= self._capacity):
+            # Too large for the hand-off even when empty: fed in parts as room frees up.
+            fed = self._feed(spans, room) if not self._closed and (
+                room >= len(spans) or len(spans) > self._capacity) else 0
+            if fed == 0 and spans:
                 self._counts["busy_refusals"] += 1
                 return Outcome(busy=True)
-            fed = self._feed(spans, room)
         refused = len(spans) - fed
         rejected = decoded.rejected + refused
         error = decoded.error
@@ -143,8 +145,9 @@ class Receiver:
         return Outcome(busy=False, rejected=rejected, error=error)
 
     def _feed(self, spans: list[Any], room: int) -> int:
-        """Hand `spans` to the intake; a request larger than the hand-off goes in parts, as
-        the worker frees room, within `_LARGE_REQUEST_WAIT_S`. Returns how many were taken."""
+        """Hand `spans` to the intake, `room` first; a request larger than the hand-off goes in
+        parts as the worker frees room, within `_LARGE_REQUEST_WAIT_S`. Returns how many were
+        taken."""
         ended = self._intake.ended
         deadline = self._clock() + _LARGE_REQUEST_WAIT_S
         fed = 0
