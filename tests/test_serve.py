@@ -85,11 +85,11 @@ def sdk_span(trace_id: int, span_id: int, parent_id: int | None = None,
 
 
 def request_trace(request_id: int, user: str = "alice", *, root: bool = True,
-                  resource: Resource | None = None) -> list[ReadableSpan]:
+                  resource: Resource | None = None, **extra: Any) -> list[ReadableSpan]:
     """A request span under a handler span carrying `user.id`. Without the handler: an orphan
     whose trace never completes, carrying its own conversation ID."""
     trace_id, handler, llm = next(_ids) << 64 | 7, next(_ids), next(_ids)
-    own = {} if root else {"gen_ai.conversation.id": f"c{request_id}"}
+    own = {**extra, **({} if root else {"gen_ai.conversation.id": f"c{request_id}"})}
     spans = [sdk_span(trace_id, llm, handler, {"promptlayer.request_id": request_id,
                                                 "gen_ai.prompt": "secret", **own}, resource)]
     if root:
@@ -444,6 +444,19 @@ def test_grpc_body_that_does_not_decode_is_invalid_argument(
     with pytest.raises(grpc.RpcError) as refused:
         r.grpc_export(b"\xff\xff\xff")
     assert refused.value.code() is grpc.StatusCode.INVALID_ARGUMENT
+
+
+def test_grpc_takes_requests_up_to_20_mib(receive: Callable[..., Receiving],
+                                          server: TrackMetadataServer) -> None:
+    """gRPC's own default limit is 4 MiB; a Collector's batches may be larger."""
+    r = receive()
+    raw, _ = r.grpc_export(protobuf_body(request_trace(581, "gus", big="x" * (5 << 20))))
+    assert not ExportTraceServiceResponse.FromString(raw).HasField("partial_success")
+    with pytest.raises(grpc.RpcError) as refused:
+        r.grpc_export(protobuf_body(request_trace(582, big="x" * MAX_BODY)))
+    assert refused.value.code() is grpc.StatusCode.RESOURCE_EXHAUSTED
+    wait_for(lambda: 581 in server.metadata, what="the 5 MiB request")
+    assert server.metadata[581] == {"user_id": "gus"}
 
 
 def _with_a_bad_span(request_id: int) -> ExportTraceServiceRequest:

@@ -125,7 +125,7 @@ class Receiver:
     def accept(self, decoded: Decoded) -> Outcome:
         spans = decoded.spans
         with self._lock:
-            room = 0 if self._closed else self._intake.room()
+            room = self._intake.room()
             self._capacity = max(self._capacity, room)
             # Too large for the hand-off even when empty: fed in parts as room frees up.
             fed = self._feed(spans, room) if not self._closed and (
