@@ -102,6 +102,7 @@ class Receiver:
         self._intake = intake
         self._clock = clock
         self._lock = threading.Lock()  # one request fed at a time: room() then ended()
+        self._count_lock = threading.Lock()  # not held while feeding: /health never waits
         self._capacity = intake.room()  # the hand-off is empty now
         self._closed = False
         self._counts = {"accepted_spans": 0, "rejected_spans": 0, "busy_refusals": 0,
@@ -120,7 +121,8 @@ class Receiver:
         return dict(self._counts)
 
     def bad_request(self) -> None:
-        self._counts["bad_requests"] += 1
+        with self._count_lock:
+            self._counts["bad_requests"] += 1
 
     def accept(self, decoded: Decoded) -> Outcome:
         spans = decoded.spans
@@ -130,19 +132,19 @@ class Receiver:
             # Too large for the hand-off even when empty: fed in parts as room frees up.
             fed = self._feed(spans, room) if not self._closed and (
                 room >= len(spans) or len(spans) > self._capacity) else 0
+        refused = len(spans) - fed
+        with self._count_lock:
             if fed == 0 and spans:
                 self._counts["busy_refusals"] += 1
                 return Outcome(busy=True)
-        refused = len(spans) - fed
-        rejected = decoded.rejected + refused
+            self._counts["accepted_spans"] += fed
+            self._counts["rejected_spans"] += decoded.rejected + refused
         error = decoded.error
         if refused and not error:
             error = (f"{refused} of {len(spans)} spans refused: the request is larger than the "
                      f"receiver's hand-off ({self._capacity} spans) could take in "
                      f"{_LARGE_REQUEST_WAIT_S:g} s; lower the Collector's send_batch_max_size")
-        self._counts["accepted_spans"] += fed
-        self._counts["rejected_spans"] += rejected
-        return Outcome(busy=False, rejected=rejected, error=error)
+        return Outcome(busy=False, rejected=decoded.rejected + refused, error=error)
 
     def _feed(self, spans: list[Any], room: int) -> int:
         """Hand `spans` to the intake, `room` first; a request larger than the hand-off goes in
