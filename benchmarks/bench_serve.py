@@ -108,7 +108,7 @@ _JOIN, _DELIVERY = "otel-metadata-lineage", "otel-metadata-sender"
 
 def run_once(protocol: str, traces: int, base_url: str) -> dict[str, Any]:
     from otel_metadata import config
-    from otel_metadata._pipeline_shim import Pipeline
+    from otel_metadata.pipeline import Pipeline
     from otel_metadata.serve import Serve
 
     # The record queue holds every request of the run: the senders (one POST per request ID)

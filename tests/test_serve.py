@@ -44,11 +44,12 @@ from opentelemetry.sdk.trace.export import SpanExportResult
 from opentelemetry.trace import SpanContext
 
 from otel_metadata import config
-from otel_metadata._pipeline_shim import Pipeline
+from otel_metadata import intake as intake_module
 from otel_metadata.cli import main
 from otel_metadata.otlp import DecodeError, Parent, decode_json, decode_protobuf
+from otel_metadata.pipeline import Pipeline
 from otel_metadata.serve import MAX_BODY, Serve
-from otel_metadata.server import TrackMetadataServer
+from otel_metadata.testing.track_metadata import TrackMetadataServer
 
 APPS = Path(__file__).parent / "serve_apps"
 EXPORT = "/opentelemetry.proto.collector.trace.v1.TraceService/Export"
@@ -140,7 +141,7 @@ def _sdk_batches(draw: st.DrawFn) -> list[ReadableSpan]:
 def _expected(spans: Sequence[ReadableSpan]) -> list[tuple[Any, ...]]:
     return sorted(((s.context.trace_id, s.context.span_id,
                    Parent(s.context.trace_id, s.parent.span_id, False) if s.parent else None,
-                   {k: _attribute_value(v) for k, v in (s.attributes or {}).items()} or None,
+                   {k: _attribute_value(v) for k, v in (s.attributes or {}).items()},
                    dict(s.resource.attributes)) for s in spans), key=repr)
 
 
@@ -336,7 +337,8 @@ class GatedPipeline:
 
 
 @pytest.fixture
-def receive(server: TrackMetadataServer) -> Iterator[Callable[..., Receiving]]:
+def receive(server: TrackMetadataServer,
+            monkeypatch: pytest.MonkeyPatch) -> Iterator[Callable[..., Receiving]]:
     """Start receivers (HTTP and gRPC on ephemeral ports) over a real pipeline."""
     started: list[Serve] = []
 
@@ -344,8 +346,9 @@ def receive(server: TrackMetadataServer) -> Iterator[Callable[..., Receiving]]:
         settings = config.resolve(**{"api_key": API_KEY, "base_url": server.base_url,
                                      "schedule_delay_millis": 20, "max_trace_wait_millis": 2000,
                                      **options})
-        extra = {"capacity": capacity} if capacity else {}
-        pipeline: Any = Pipeline(settings, retry=FAST_RETRY, **extra)
+        if capacity:
+            monkeypatch.setattr(intake_module, "MAX_BACKLOG", capacity)
+        pipeline: Any = Pipeline(settings, retry=FAST_RETRY)
         if gated:
             pipeline = GatedPipeline(pipeline)
         serve = Serve(pipeline, ("127.0.0.1", 0), ("127.0.0.1", 0))
@@ -561,8 +564,8 @@ def test_memory_stays_bounded_under_traces_that_never_complete(
         assert answer.status_code == 200
         held.append(r.serve.pipeline.stats()["held_traces"])
     assert max(held) <= 20
-    stats = r.serve.pipeline.stats()
-    assert stats["traces_evicted"] >= 280
+    wait_for(lambda: r.serve.pipeline.stats()["traces_evicted"] >= 280,
+             what="the join to evict the oldest traces")
     wait_for(lambda: len(server.metadata) >= 280, what="the evicted requests' posts")
     assert server.metadata[1000] == {"conversation_id": "c1000"}
 

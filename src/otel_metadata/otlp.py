@@ -60,7 +60,7 @@ class Span(NamedTuple):
     trace_id: int
     span_id: int
     parent: Parent | None
-    attrs: dict[str, AttributeValue] | None
+    attrs: dict[str, AttributeValue]
     resource: Resource
 
 
@@ -121,7 +121,7 @@ def spans_of_request(request: ExportTraceServiceRequest) -> Decoded:
                     rejects.add("a span has an all-zero trace or span ID")
                     continue
                 pid = int.from_bytes(parent_id, "big") if parent_id else 0
-                attrs = _proto_attributes(span.attributes) if span.attributes else None
+                attrs = _proto_attributes(span.attributes) if span.attributes else {}
                 spans.append(Span(tid, sid, Parent(tid, pid, False) if pid else None, attrs,
                                   resource))
     return Decoded(spans, rejects.count, rejects.reason)
@@ -194,7 +194,7 @@ def decode_json(body: bytes | str) -> Decoded:
                     rejects.add("a span has a missing, invalid or all-zero traceId/spanId/"
                                 "parentSpanId (expected 32 and 16 hex digits)")
                     continue
-                attrs = _json_attributes(span.get("attributes")) or None
+                attrs = _json_attributes(span.get("attributes"))
                 spans.append(Span(tid, sid, Parent(tid, pid, False) if pid else None, attrs,
                                   resource))
     return Decoded(spans, rejects.count, rejects.reason)

@@ -45,8 +45,8 @@ from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import (
 )
 
 from . import config
-from ._pipeline_shim import Pipeline  # TEMPORARY: otel_metadata.pipeline.Pipeline (issue 10)
 from .otlp import Decoded, DecodeError, decode_json, decode_protobuf
+from .pipeline import Pipeline
 
 _logger = logging.getLogger("otel_metadata")
 
