@@ -10,7 +10,7 @@ from types import MappingProxyType
 from typing import Any
 
 import pytest
-from conftest import send, worker_stuck
+from conftest import request_in, send, worker_stuck
 from opentelemetry import baggage, context, trace
 from opentelemetry.baggage.propagation import W3CBaggagePropagator
 from opentelemetry.sdk.trace import ReadableSpan
@@ -194,11 +194,6 @@ def test_baggage_properties_are_not_part_of_the_value(
     """Defect 7: `user.id=bob%20smith;prop=1` arrived as "bob smith;prop=1" (SPEC §5)."""
     p = make_pipeline()
     header = {"baggage": "user.id=bob%20smith;prop=1, promptlayer.metadata.plan = pro ;x;y=2"}
-    token = context.attach(W3CBaggagePropagator().extract(header))
-    try:
-        with p.tracer.start_as_current_span("llm"):
-            set_request_id(1)
-    finally:
-        context.detach(token)
+    request_in(p, W3CBaggagePropagator().extract(header))
     assert p.flush()
     assert server.metadata == {1: {"user_id": "bob smith", "plan": "pro"}}
