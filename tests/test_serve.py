@@ -329,8 +329,8 @@ class GatedPipeline:
     def force_flush(self, timeout_millis: int = 30000) -> bool:
         return self.pipeline.force_flush(timeout_millis)
 
-    def shutdown(self) -> None:
-        self.pipeline.shutdown()
+    def shutdown(self, timeout_s: float | None = None) -> None:
+        self.pipeline.shutdown(timeout_s)
 
     def stats(self) -> dict[str, int]:
         return self.pipeline.stats()

@@ -170,6 +170,12 @@ class Settings:
         help="longer values are truncated")
     request_timeout_s: float = setting("request_timeout_s", None, 10.0, _real, minimum=0.001,
                                        unit="s", help="one POST's timeout")
+    shutdown_timeout_s: float = setting(
+        "shutdown_timeout_millis", "PROMPTLAYER_METADATA_SHUTDOWN_TIMEOUT", 5.0, _real,
+        minimum=0, unit="ms", help="shutdown (and the SIGTERM flush) never takes longer")
+    handle_sigterm: bool = setting(
+        "handle_sigterm", "PROMPTLAYER_METADATA_HANDLE_SIGTERM", True, _flag,
+        help="flush on SIGTERM, then hand the signal on")
     disabled: bool = setting(None, "OTEL_SDK_DISABLED", False, _flag)
     request_id_attributes: tuple[str, ...] = setting(
         "request_id_attributes", None, ("promptlayer.request_id",), _names)

@@ -80,6 +80,10 @@ class Delivery:
     def __repr__(self) -> str:
         return f"Delivery(endpoint={self._settings.endpoint!r})"
 
+    def __len__(self) -> int:
+        """Records queued or in flight."""
+        return len(self._queue)
+
     # -- the app's side: never blocks on the network --
 
     def submit(self, request_id: RequestId, metadata: dict[str, str]) -> bool:

@@ -87,13 +87,16 @@ class Pipeline:
         self._flushed_losses = losses = self.counters.losses
         return ok and losses == before
 
-    def shutdown(self) -> None:
-        """Flush (bounded by the export timeout), stop the threads; safe to call twice."""
+    def shutdown(self, timeout_s: float | None = None) -> None:
+        """Flush, then stop the threads, within `timeout_s` (default `shutdown_timeout`,
+        whatever the export timeout: a process's exit is never held longer); safe to call
+        twice."""
         if self._is_shutdown:
             return
         self._is_shutdown = True
         _live.discard(self)
-        timeout_s = self.settings.export_timeout_s
+        if timeout_s is None:
+            timeout_s = self.settings.shutdown_timeout_s
         deadline = time.monotonic() + timeout_s
         try:
             self.intake.shutdown(timeout_s)
@@ -101,12 +104,22 @@ class Pipeline:
         except Exception:  # never let our trouble break the provider's shutdown at exit
             _logger.exception("otel-metadata: shutdown failed")
         self.join.clear()
+        self.report("at shutdown")
+
+    def report(self, when: str, waiting: int = 0) -> None:
+        """Log the losses so far (and records still `waiting`), if any: once, at the end."""
         counts = self.stats()
         trouble = {k: v for k, v in counts.items() if k.startswith(_TROUBLE) and v}
+        if waiting:
+            trouble["not yet delivered"] = waiting
         if trouble:
-            _logger.warning("otel-metadata: at shutdown: %s (delivered %d)",
+            _logger.warning("otel-metadata: %s: %s (delivered %d)", when,
                             ", ".join(f"{k}={v}" for k, v in sorted(trouble.items())),
                             counts.get("delivered", 0))
+
+    def waiting(self) -> int:
+        """Records not delivered yet: queued or in flight."""
+        return len(self.delivery)
 
     def stats(self) -> dict[str, int]:
         """Counts of what happened so far, plus what waits: never waits itself."""

@@ -24,6 +24,7 @@ from . import config
 from .context import _CONTEXT_KEY
 from .pipeline import Pipeline
 from .retry import RetryPolicy
+from .signals import flush_on_sigterm
 
 _logger = logging.getLogger("otel_metadata")
 
@@ -60,6 +61,10 @@ class MetadataSpanProcessor(SpanProcessor):
             (``PROMPTLAYER_METADATA_MAX_TRACE_WAIT``).
         max_traces: traces held at once (``PROMPTLAYER_METADATA_MAX_TRACES``).
         request_timeout_s: one POST's timeout.
+        shutdown_timeout_millis: shutdown never holds the process's exit longer
+            (``PROMPTLAYER_METADATA_SHUTDOWN_TIMEOUT``, 5000).
+        handle_sigterm: flush on SIGTERM, then hand the signal on
+            (``PROMPTLAYER_METADATA_HANDLE_SIGTERM``, true).
         retry: the retry policy (backoff, jitter).
     """
 
@@ -80,6 +85,8 @@ class MetadataSpanProcessor(SpanProcessor):
         max_trace_wait_millis: float | None = None,
         max_traces: int | None = None,
         request_timeout_s: float | None = None,
+        shutdown_timeout_millis: float | None = None,
+        handle_sigterm: bool | None = None,
         retry: RetryPolicy | None = None,
     ) -> None:
         options = {k: v for k, v in locals().items() if k in config.ARGUMENTS}
@@ -106,6 +113,16 @@ class MetadataSpanProcessor(SpanProcessor):
                             exc_info=True)
             return
         self._ended = self._pipeline.intake.ended
+        if s.handle_sigterm:
+            flush_on_sigterm(self._flush_on_sigterm, s.shutdown_timeout_s)
+
+    def _flush_on_sigterm(self, timeout_s: float) -> None:
+        """The process may end right after this (the signal's default action): say what it
+        would lose."""
+        pipeline = self._pipeline
+        if pipeline is not None and not self.force_flush(int(timeout_s * 1000)):
+            pipeline.report(f"SIGTERM, not all delivered within {timeout_s:g} s",
+                            pipeline.waiting())
 
     def __repr__(self) -> str:
         s = self._settings
@@ -177,7 +194,7 @@ class MetadataSpanProcessor(SpanProcessor):
             return False
 
     def shutdown(self) -> None:
-        """Flush (bounded by the export timeout), stop the threads; safe to call twice."""
+        """Flush and stop the threads, within ``shutdown_timeout``; safe to call twice."""
         if self._pipeline is not None:
             self._pipeline.shutdown()
 

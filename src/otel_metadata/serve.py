@@ -52,7 +52,6 @@ _logger = logging.getLogger("otel_metadata")
 
 MAX_BODY = 20 * 1024 * 1024  # bytes, compressed or not (OTLP receivers' usual limit)
 RETRY_AFTER_S = 1  # what a refused sender is told to wait
-DEFAULT_SHUTDOWN_TIMEOUT_S = 5.0  # until config.Settings has shutdown_timeout
 # A request larger than the whole hand-off is fed in parts as room frees up, for this long.
 _LARGE_REQUEST_WAIT_S = 2.0
 # Bytes of an oversized body read and discarded after the 413, so the sender can read it.
@@ -81,7 +80,7 @@ class PipelineLike(Protocol):
 
     def force_flush(self, timeout_millis: int = ...) -> bool: ...
 
-    def shutdown(self) -> None: ...
+    def shutdown(self, timeout_s: float | None = None) -> None: ...
 
     def stats(self) -> dict[str, int]: ...
 
@@ -453,7 +452,7 @@ class Serve:
         self._close_listeners(min(1.0, timeout_s / 4))
         left_ms = int(max(0.0, deadline - time.monotonic()) * 1000)
         flushed = self.pipeline.force_flush(left_ms)
-        self.pipeline.shutdown()
+        self.pipeline.shutdown(max(0.0, deadline - time.monotonic()))
         return flushed
 
     def _close_listeners(self, grace_s: float) -> None:
@@ -501,7 +500,7 @@ def run(out: TextIO, http: tuple[str, int] | None, grpc_address: tuple[str, int]
             print(f"otel-metadata serve: {line}", file=out, flush=True)
         while not stop.wait(1.0):
             pass
-        timeout_s = getattr(settings, "shutdown_timeout_s", DEFAULT_SHUTDOWN_TIMEOUT_S)
+        timeout_s = settings.shutdown_timeout_s
         print(f"otel-metadata serve: stopping; flushing within {timeout_s:g} s", file=out,
               flush=True)
         flushed = serve.stop(timeout_s)

@@ -1,0 +1,174 @@
+"""SIGTERM and bounded shutdown under real servers (SPEC §7): uvicorn re-raises SIGTERM after its
+graceful shutdown, so interpreter exit hooks never run there; gunicorn's workers exit through
+them, and must not be held past `shutdown_timeout` by an unreachable API."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from conftest import API_KEY, wait_for
+
+from otel_metadata.testing.track_metadata import TrackMetadataServer
+
+APPS = Path(__file__).parent / "apps"
+BIN = Path(sys.executable).parent
+REQUESTS = 50
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def _command(kind: str, port: int) -> list[str]:
+    if kind == "uvicorn":
+        return [str(BIN / "uvicorn"), "web_servers:app", "--host", "127.0.0.1",
+                "--port", str(port), "--log-level", "warning"]
+    return [str(BIN / "gunicorn"), "--preload", "-w", "2", "-b", f"127.0.0.1:{port}",
+            "--graceful-timeout", "30", "web_servers:wsgi"]
+
+
+@pytest.fixture
+def start_app() -> Iterator[object]:
+    started: list[subprocess.Popen[str]] = []
+
+    def start(kind: str, base_url: str, **env: str) -> tuple[subprocess.Popen[str], int]:
+        port = _free_port()
+        child_env = {k: v for k, v in os.environ.items()
+                     if not k.startswith(("OTEL_", "PROMPTLAYER_"))}
+        child_env.update(PROMPTLAYER_API_KEY=API_KEY, PROMPTLAYER_BASE_URL=base_url,
+                         PYTHONPATH=str(APPS), **env)
+        proc = subprocess.Popen(_command(kind, port), cwd=APPS, env=child_env, text=True,
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        started.append(proc)
+        assert wait_for(lambda: _answers(port) or proc.poll() is not None, timeout=30)
+        assert proc.poll() is None, proc.communicate()
+        return proc, port
+
+    yield start
+    for proc in started:
+        if proc.poll() is None:
+            proc.kill()
+        proc.communicate()
+
+
+def _answers(port: int) -> bool:
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=0.5):
+            return True
+    except OSError:
+        return False
+
+
+def _requests(port: int) -> None:
+    for rid in range(1, REQUESTS + 1):
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/chat?id={rid}", timeout=10) as r:
+            assert r.status == 200
+
+
+def _terminate(proc: subprocess.Popen[str], timeout: float = 30) -> tuple[float, str, str]:
+    """SIGTERM right away; how long the process took to exit, and what it printed and logged."""
+    started = time.monotonic()
+    proc.send_signal(signal.SIGTERM)
+    stdout, stderr = proc.communicate(timeout=timeout)
+    return time.monotonic() - started, stdout, stderr
+
+
+ALL = {rid: {"user_id": f"user-{rid}"} for rid in range(1, REQUESTS + 1)}
+
+
+@pytest.mark.parametrize("kind", ["uvicorn", "gunicorn"])
+def test_sigterm_right_after_the_last_request_delivers_every_request(
+    kind: str, server: TrackMetadataServer, start_app: object,
+) -> None:
+    proc, port = start_app(kind, server.base_url)  # type: ignore[operator]
+    _requests(port)
+    _, _, stderr = _terminate(proc)
+    assert server.metadata == ALL, stderr
+    assert proc.returncode in (0, -signal.SIGTERM), stderr  # uvicorn ends by the signal
+
+
+def test_without_the_handler_uvicorn_loses_what_was_queued(
+    server: TrackMetadataServer, start_app: object,
+) -> None:
+    """PROMPTLAYER_METADATA_HANDLE_SIGTERM=false: what the handler saves is lost (the reason
+    for the handler: uvicorn's re-raised SIGTERM skips every exit hook)."""
+    proc, port = start_app(  # type: ignore[operator]
+        "uvicorn", server.base_url, PROMPTLAYER_METADATA_HANDLE_SIGTERM="false")
+    _requests(port)
+    _terminate(proc)
+    assert server.metadata == {}
+    assert proc.returncode == -signal.SIGTERM
+
+
+@pytest.mark.parametrize("kind", ["uvicorn", "gunicorn"])
+def test_an_unreachable_api_does_not_hold_the_exit_and_the_loss_is_logged(
+    kind: str, start_app: object,
+) -> None:
+    """The export timeout (30 s here) would equal gunicorn's graceful timeout: shutdown is held
+    to shutdown_timeout instead (1 s here), and what could not be sent is said."""
+    closed = f"http://127.0.0.1:{_free_port()}"  # nothing listens there
+    proc, port = start_app(kind, closed, OTEL_BSP_EXPORT_TIMEOUT="30000",  # type: ignore[operator]
+                           PROMPTLAYER_METADATA_SHUTDOWN_TIMEOUT="1000")
+    _requests(port)
+    took, _, stderr = _terminate(proc)
+    # Far below the 30 s the export timeout would have taken: start-up of nothing, one flush
+    # bounded at 1 s per process, and the servers' own stopping.
+    assert took < 15, stderr
+    assert "otel-metadata:" in stderr and ("not yet delivered" in stderr
+                                           or "dropped." in stderr), stderr
+
+
+def test_a_bare_process_flushes_then_dies_by_the_signal_as_before(
+    server: TrackMetadataServer,
+) -> None:
+    script = """
+import os, signal, sys, time
+from opentelemetry.sdk.trace import TracerProvider
+from otel_metadata import MetadataSpanProcessor, set_request_id
+provider = TracerProvider()
+provider.add_span_processor(MetadataSpanProcessor())
+with provider.get_tracer("t").start_as_current_span("llm") as span:
+    span.set_attribute("user.id", "u")
+    set_request_id(1)
+print("ready", flush=True)
+time.sleep(60)
+"""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("OTEL_", "PROMPTLAYER_"))}
+    env.update(PROMPTLAYER_API_KEY=API_KEY, PROMPTLAYER_BASE_URL=server.base_url)
+    proc = subprocess.Popen([sys.executable, "-c", script], env=env, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    assert proc.stdout is not None and proc.stdout.readline() == "ready\n"
+    _, _, stderr = _terminate(proc)
+    assert proc.returncode == -signal.SIGTERM, stderr  # the default action still happens
+    assert server.metadata == {1: {"user_id": "u"}}
+
+
+def test_a_handler_the_app_had_still_runs(server: TrackMetadataServer) -> None:
+    script = """
+import signal, sys, time
+signal.signal(signal.SIGTERM, lambda *a: (print("app handler", flush=True), sys.exit(3)))
+from opentelemetry.sdk.trace import TracerProvider
+from otel_metadata import MetadataSpanProcessor
+TracerProvider().add_span_processor(MetadataSpanProcessor())
+print("ready", flush=True)
+time.sleep(60)
+"""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("OTEL_", "PROMPTLAYER_"))}
+    env.update(PROMPTLAYER_API_KEY=API_KEY, PROMPTLAYER_BASE_URL=server.base_url)
+    proc = subprocess.Popen([sys.executable, "-c", script], env=env, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    assert proc.stdout is not None and proc.stdout.readline() == "ready\n"
+    _, stdout, _ = _terminate(proc)
+    assert proc.returncode == 3
+    assert stdout == "app handler\n"
