@@ -1,11 +1,13 @@
 """`otel-metadata demo`: a small traced chat app, an embedded PromptLayer, and what arrived.
 
-No key, no network: the track-metadata endpoint is `server.TrackMetadataServer` on 127.0.0.1.
+No key, no network: the track-metadata endpoint is `testing.track_metadata.TrackMetadataServer`
+on 127.0.0.1, and PromptLayer itself (for the SDK part) `testing.promptlayer_api.PromptLayerAPI`.
 """
 
 from __future__ import annotations
 
 import itertools
+import os
 import time
 from collections.abc import Iterable, Mapping
 from typing import Any, TextIO
@@ -69,7 +71,61 @@ def run(out: TextIO) -> int:
         out.write(f"\n{len(server.metadata)} of {len(sent)} requests got metadata; "
                   f"{stats.get('posts', 0)} POSTs; flush "
                   f"{'delivered everything' if delivered else 'did NOT deliver everything'}.\n")
-        return 0 if delivered and len(server.metadata) == len(sent) else 1
+        ok = delivered and len(server.metadata) == len(sent)
+        return 0 if run_promptlayer(out, server) and ok else 1
+
+
+def run_promptlayer(out: TextIO, server: TrackMetadataServer) -> bool:
+    """The same, through the PromptLayer SDK against a local PromptLayer: no ID plumbing at
+    all, `PromptLayerInstrumentor` links each request the SDK logs. Skipped (True) without
+    the `promptlayer` package."""
+    try:
+        from promptlayer import PromptLayer  # type: ignore[import-untyped]
+    except ImportError:
+        out.write("\n(pip install promptlayer to see the same through the PromptLayer SDK)\n")
+        return True
+    from .promptlayer import PromptLayerInstrumentor
+    from .testing.promptlayer_api import MODEL, PromptLayerAPI
+
+    instrumentor = PromptLayerInstrumentor()
+    instrumentor.instrument()
+    saved = {k: os.environ.get(k) for k in ("OPENAI_API_KEY", "OPENAI_BASE_URL")}
+    try:
+        with PromptLayerAPI(server.api_key, track_metadata=server) as api:
+            # run() calls the model with the OpenAI client, which reads these.
+            os.environ.update(OPENAI_API_KEY=api.llm_api_key, OPENAI_BASE_URL=api.llm_base_url)
+            provider = TracerProvider()
+            processor = MetadataSpanProcessor(api_key=server.api_key, base_url=server.base_url)
+            provider.add_span_processor(processor)
+            tracer = provider.get_tracer("otel-metadata-demo")
+            client = PromptLayer(api_key=api.api_key, base_url=api.base_url)
+            openai = client.openai.OpenAI()
+            for user in ("carol", "dave"):
+                with tracer.start_as_current_span("POST /chat") as span:
+                    span.set_attribute("user.id", user)  # once; no set_request_id anywhere
+                    client.run("greeting", input_variables={"name": user})
+                    for _ in client.run("greeting", input_variables={"name": user},
+                                        stream=True):
+                        pass
+                    openai.chat.completions.create(
+                        model=MODEL, messages=[{"role": "user", "content": "and then?"}])
+            delivered = processor.force_flush(10_000)
+            provider.shutdown()
+            logged = api.ids()
+    finally:
+        instrumentor.uninstrument()
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+    out.write("\nThrough the PromptLayer SDK (PromptLayerInstrumentor): per chat a run(), a "
+              "streamed run() and a client.openai proxy call, user.id set once on the "
+              "handler, no request-ID plumbing:\n\n")
+    out.write(render_table(logged, server.metadata))
+    got = sum(1 for rid in logged if rid in server.metadata)
+    out.write(f"\n{got} of {len(logged)} requests PromptLayer logged got metadata.\n")
+    return delivered and got == len(logged) > 0
 
 
 def render_table(request_ids: Iterable[Any], received: Mapping[Any, Mapping[str, str]]) -> str:
