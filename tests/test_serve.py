@@ -13,6 +13,7 @@ import json
 import os
 import re
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -721,3 +722,24 @@ def test_cli_refuses_what_cannot_serve(monkeypatch: pytest.MonkeyPatch,
     with pytest.raises(SystemExit) as usage:
         main(["serve", "--http", "localhost"])
     assert usage.value.code == 2
+
+
+def test_check_tells_a_running_serve_a_free_port_and_a_taken_one(
+        receive: Callable[..., Receiving]) -> None:
+    """`otel-metadata check --serve`: each port is a running serve or free for one."""
+    from otel_metadata.check import serve_ports
+
+    r = receive()
+    running = serve_ports(("127.0.0.1", r.serve.http_port), ("127.0.0.1", r.serve.grpc_port))
+    assert [v.ok for v in running] == [True, True]
+    assert "otel-metadata serve answers" in running[0].message
+    with socket.socket() as free:
+        free.bind(("127.0.0.1", 0))
+        port = free.getsockname()[1]
+    assert serve_ports(("127.0.0.1", port), None)[0].message.endswith("serve can listen there")
+    with socket.create_server(("127.0.0.1", 0)) as other:  # listens, answers no HTTP
+        taken = serve_ports(("127.0.0.1", other.getsockname()[1]), None, timeout_s=0.5)[0]
+    assert not taken.ok and "not otel-metadata serve" in taken.message
+    r.serve.receiver.close()
+    stopping = serve_ports(("127.0.0.1", r.serve.http_port), None)[0]
+    assert not stopping.ok and "health: stopping" in stopping.message

@@ -14,9 +14,12 @@ body first and the key remains unverified: the check says so and fails.
 
 from __future__ import annotations
 
+import http.client
+import json
 import logging
 import os
 import re
+import socket
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -42,14 +45,71 @@ class Verdict:
     message: str
 
 
-def run(out: TextIO, timeout_s: float | None = None) -> int:
-    """Print the configuration and one verdict line to `out`; 0 when a POST would be accepted."""
+Address = tuple[str, int]
+
+
+def run(out: TextIO, timeout_s: float | None = None,
+        serve: tuple[Address | None, Address | None] | None = None) -> int:
+    """Print the configuration and one verdict line to `out` (and one per `serve` port, when
+    given as (http, grpc)); 0 when a POST would be accepted and the ports are usable."""
     with _warnings_to(out):
         settings = config.resolve()
     out.write(describe(settings))
-    verdict = diagnose(settings, timeout_s or settings.request_timeout_s)
-    out.write(f"{'OK' if verdict.ok else 'PROBLEM'}: {verdict.message}\n")
-    return 0 if verdict.ok else 1
+    timeout = timeout_s or settings.request_timeout_s
+    verdicts = [diagnose(settings, timeout)]
+    if serve is not None:
+        verdicts += serve_ports(*serve, timeout_s=min(timeout, 5.0))
+    for verdict in verdicts:
+        out.write(f"{'OK' if verdict.ok else 'PROBLEM'}: {verdict.message}\n")
+    return 0 if all(v.ok for v in verdicts) else 1
+
+
+def serve_ports(http: Address | None, grpc: Address | None,
+                timeout_s: float = 5.0) -> list[Verdict]:
+    """For an `otel-metadata serve` set-up: is each port either a running serve (its health
+    answers, on the HTTP port) or free for one to listen on?"""
+    verdicts = []
+    for name, address in (("OTLP/HTTP", http), ("OTLP/gRPC", grpc)):
+        if address is None:
+            verdicts.append(Verdict(True, f"serve {name}: off ('none')"))
+            continue
+        where = f"{address[0]}:{address[1]}"
+        try:
+            with socket.create_connection(address, timeout=timeout_s):
+                pass
+        except OSError:
+            verdicts.append(_bindable(name, address, where))
+            continue
+        verdicts.append(_health(where, address, timeout_s) if name == "OTLP/HTTP" else Verdict(
+            True, f"serve {name}: something listens on {where} (a running serve, if the "
+                  "HTTP port's health says so)"))
+    return verdicts
+
+
+def _bindable(name: str, address: Address, where: str) -> Verdict:
+    try:
+        with socket.create_server(address):
+            return Verdict(True, f"serve {name}: {where} is free; serve can listen there")
+    except OSError as exc:
+        return Verdict(False, f"serve {name}: cannot listen on {where}: {exc.strerror or exc}")
+
+
+def _health(where: str, address: Address, timeout_s: float) -> Verdict:
+    connection = http.client.HTTPConnection(*address, timeout=timeout_s)
+    try:
+        connection.request("GET", "/health")
+        answer = connection.getresponse()
+        body = json.loads(answer.read() or b"{}")
+    except (OSError, http.client.HTTPException, ValueError):
+        body, answer = None, None
+    finally:
+        connection.close()
+    status = body.get("status") if isinstance(body, dict) else None
+    if answer is not None and status in ("ok", "stopping"):
+        return Verdict(status == "ok", f"serve OTLP/HTTP: otel-metadata serve answers on "
+                                       f"{where} (health: {status})")
+    return Verdict(False, f"serve OTLP/HTTP: {where} is taken by something that is not "
+                          "otel-metadata serve (no health answer): choose another --http")
 
 
 def redact(api_key: str) -> str:

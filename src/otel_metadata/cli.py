@@ -18,16 +18,20 @@ def main(argv: Sequence[str] | None = None) -> int:
                       "metadata POST would be accepted")
     check.add_argument("--timeout", type=float, default=None, metavar="SECONDS",
                        help="how long to wait for the API (default: the request timeout, 10)")
+    check.add_argument("--serve", action="store_true",
+                       help="also check the ports of an `otel-metadata serve` set-up (a "
+                            "running serve answers; otherwise each port must be free)")
     serve = commands.add_parser(
         "serve", help="receive OTLP traces (from the OpenTelemetry Collector) and send the "
                       "metadata of their PromptLayer requests; settings from the environment "
                       "as for the processor; SIGTERM flushes and exits 0")
-    serve.add_argument("--http", default="localhost:4318", type=_address, metavar="HOST:PORT",
-                       help="OTLP/HTTP listen address, with GET /health (default: "
-                            "localhost:4318; 'none' turns it off)")
-    serve.add_argument("--grpc", default="localhost:4317", type=_address, metavar="HOST:PORT",
-                       help="OTLP/gRPC listen address (default: localhost:4317; 'none' turns "
-                            "it off)")
+    for command in (serve, check):
+        command.add_argument("--http", default="localhost:4318", type=_address,
+                             metavar="HOST:PORT", help="OTLP/HTTP listen address, with GET "
+                             "/health (default: localhost:4318; 'none' turns it off)")
+        command.add_argument("--grpc", default="localhost:4317", type=_address,
+                             metavar="HOST:PORT", help="OTLP/gRPC listen address (default: "
+                             "localhost:4317; 'none' turns it off)")
     args = parser.parse_args(argv)
     if args.command == "demo":
         from .demo import run
@@ -36,7 +40,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command == "check":
         from .check import run as run_check
 
-        return run_check(sys.stdout, args.timeout)
+        return run_check(sys.stdout, args.timeout,
+                         (args.http, args.grpc) if args.serve else None)
     if args.command == "serve":
         try:
             from .serve import run as run_serve
