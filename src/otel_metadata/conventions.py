@@ -66,7 +66,7 @@ LANGFUSE_OBSERVATION = Convention("langfuse", 8,
                                   json_prefixes=("langfuse.observation.metadata.",))
 LANGFUSE_TRACE = Convention("langfuse", 7, json_prefixes=("langfuse.trace.metadata.",))
 LANGFUSE_BAGGAGE_METADATA = Convention("langfuse", 7, baggage=True,
-                                       prefixes=("langfuse_metadata_",))
+                                       json_prefixes=("langfuse_metadata_",))
 # Traceloop's SDK keeps its association properties, a dict, under this plain context key
 # (traceloop.sdk.tracing.tracing.set_association_properties) and copies them to every span.
 TRACELOOP = Convention("traceloop", 6, prefixes=("traceloop.association.properties.",),

@@ -466,13 +466,14 @@ class TraceJoin:
 
     def _subtree(self, trace: _Trace, span: SpanData) -> list[tuple[int, int]]:
         """(depth, span ID) of the spans below the request span `span` that carry metadata and
-        are not inside another request span, farthest first and, within a depth, in the order
-        they ended (so applying them in turn leaves the nearer, then the later-ended)."""
+        are not inside another request span, strongest first: the nearer, then, within a
+        depth, the later-ended."""
         top = span.span_id
         # Depth below `top` of each span walked (None: not below it, or inside another request).
         depth: dict[int, int | None] = {top: 0}
-        found: list[tuple[int, int]] = []
-        for sid in (*trace.metadata, *(s for s in trace.fallback if s not in trace.metadata)):
+        found: list[tuple[int, int, int]] = []  # (depth, -end order, span ID)
+        spans = (*trace.metadata, *(s for s in trace.fallback if s not in trace.metadata))
+        for ended, sid in enumerate(spans):
             path: list[int] = []
             node: int | None = sid
             while node is not None and node not in depth and len(path) < _MAX_DEPTH:
@@ -486,9 +487,9 @@ class TraceJoin:
                 depth[walked] = None if above is None else above + i
             d = depth[sid] if sid != top else None
             if d:
-                found.append((d, sid))
-        found.sort(key=lambda f: -f[0])  # stable: within a depth, the order they ended
-        return found
+                found.append((d, -ended, sid))
+        found.sort()
+        return [(d, sid) for d, _, sid in found]
 
 
 def _due(phase: dict[int, _Trace], now: float) -> list[tuple[int, _Trace]]:
