@@ -79,10 +79,11 @@ OPENINFERENCE = Convention("openinference", 5, json_objects=("metadata",),
                            context=(("user.id", "user.id"), ("session.id", "session.id"),
                                     ("metadata", "metadata")))
 # The LLM request's own end-user field, as instrumentations record it (OpenAI's `user`).
+# Names of one rank apply in the order declared, the last standing: weakest first.
 GENAI = Convention("genai", 1, weakest=True, names=(
-    ("gen_ai.request.user", "user_id"),
-    ("gen_ai.user", "user_id"),
     ("llm.user", "user_id"),
+    ("gen_ai.user", "user_id"),
+    ("gen_ai.request.user", "user_id"),
 ))
 
 TOOLS: tuple[Convention, ...] = (
