@@ -10,6 +10,7 @@ from contextlib import contextmanager
 from typing import Any
 
 import pytest
+from opentelemetry import context as otel_context
 from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace import Tracer, TracerProvider
 
@@ -71,6 +72,16 @@ def wait_for(condition: Callable[[], object], timeout: float = 5.0) -> bool:
         return bool(condition())
     finally:
         deadline.cancel()
+
+
+def request_in(p: Pipeline, ctx: Any, request_id: int | str = 1) -> None:
+    """End one request span started in OpenTelemetry context `ctx` (e.g. extracted headers)."""
+    token = otel_context.attach(ctx)
+    try:
+        with p.tracer.start_as_current_span("llm"):
+            set_request_id(request_id)
+    finally:
+        otel_context.detach(token)
 
 
 def send(p: Pipeline, request_id: int | str, metadata: Mapping[str, Any]) -> None:

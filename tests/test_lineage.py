@@ -10,7 +10,7 @@ from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 
-from conftest import wait_for
+from conftest import request_in, wait_for
 from opentelemetry import baggage, context, trace
 from opentelemetry.baggage.propagation import W3CBaggagePropagator
 from opentelemetry.propagators.composite import CompositePropagator
@@ -257,12 +257,7 @@ def test_propagate_writes_baggage_that_a_downstream_service_maps_back(server,
         assert baggage.get_all() == {}
     # The downstream service: extracts the headers and runs its own processor.
     p = make_pipeline()
-    token = context.attach(PROPAGATOR.extract(carrier))
-    try:
-        with p.tracer.start_as_current_span("llm"):
-            set_request_id(1)
-    finally:
-        context.detach(token)
+    request_in(p, PROPAGATOR.extract(carrier))
     assert p.flush()
     assert server.metadata == {1: {"user_id": "u", "conversation_id": "c", "plan": "pro"}}
 

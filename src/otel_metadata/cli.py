@@ -18,6 +18,16 @@ def main(argv: Sequence[str] | None = None) -> int:
                       "metadata POST would be accepted")
     check.add_argument("--timeout", type=float, default=None, metavar="SECONDS",
                        help="how long to wait for the API (default: the request timeout, 10)")
+    serve = commands.add_parser(
+        "serve", help="receive OTLP traces (from the OpenTelemetry Collector) and send the "
+                      "metadata of their PromptLayer requests; settings from the environment "
+                      "as for the processor; SIGTERM flushes and exits 0")
+    serve.add_argument("--http", default="localhost:4318", type=_address, metavar="HOST:PORT",
+                       help="OTLP/HTTP listen address, with GET /health (default: "
+                            "localhost:4318; 'none' turns it off)")
+    serve.add_argument("--grpc", default="localhost:4317", type=_address, metavar="HOST:PORT",
+                       help="OTLP/gRPC listen address (default: localhost:4317; 'none' turns "
+                            "it off)")
     args = parser.parse_args(argv)
     if args.command == "demo":
         from .demo import run
@@ -27,7 +37,25 @@ def main(argv: Sequence[str] | None = None) -> int:
         from .check import run as run_check
 
         return run_check(sys.stdout, args.timeout)
+    if args.command == "serve":
+        try:
+            from .serve import run as run_serve
+        except ImportError as exc:
+            print(f"otel-metadata serve needs the serve extra: pip install "
+                  f"'otel-metadata[serve]' ({exc})", file=sys.stderr)
+            return 2
+        return run_serve(sys.stdout, args.http, args.grpc)
     return 2
+
+
+def _address(value: str) -> tuple[str, int] | None:
+    """HOST:PORT or 'none' (argparse turns the ValueError into a usage error)."""
+    host, sep, port = value.strip().rpartition(":")
+    if value.strip().lower() == "none":
+        return None
+    if not sep or not port.isdigit() or int(port) > 65535:
+        raise argparse.ArgumentTypeError(f"expected HOST:PORT or 'none', got {value!r}")
+    return host.removeprefix("[").removesuffix("]") or "localhost", int(port)
 
 
 if __name__ == "__main__":

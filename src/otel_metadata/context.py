@@ -81,7 +81,7 @@ def link_request_id(request_id: int | str, span: trace.Span, started: Context | 
 def _warn_unlinked(request_id: object, why: str) -> None:
     """Said once per process; counted by every running pipeline (there may be none)."""
     for pipeline in live():
-        pipeline.stats.add("ignored_request_ids")
+        pipeline.counters.add("ignored_request_ids")
     global _warned_unlinked
     if not _warned_unlinked and os.environ.get("OTEL_SDK_DISABLED", "").lower() != "true":
         _warned_unlinked = True

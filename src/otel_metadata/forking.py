@@ -22,6 +22,8 @@ class ForkGuard:
         self._callback = weakref.WeakMethod(on_fork)
         self._pid = os.getpid()
         register = getattr(os, "register_at_fork", None)
+        # Without the hook, the pipeline calls `check` where it hands work over.
+        self.polling = register is None
         if register is not None:
             ref = weakref.ref(self)
             register(after_in_child=lambda: _check(ref()))

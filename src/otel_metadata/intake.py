@@ -17,7 +17,7 @@ import logging
 import threading
 import time
 from collections import deque
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -79,6 +79,8 @@ class Intake:
         self._resource: Resource | None = None
         self._resource_metadata: Mapping[str, str] = {}
         self._is_shutdown = False
+        # Called before each hand-off where the platform has no after-fork hook (forking.py).
+        self.fork_check: Callable[[], None] | None = None
         self._fresh_state()
 
     def _fresh_state(self) -> None:
@@ -141,6 +143,8 @@ class Intake:
         return len(self._inbox)
 
     def _hand_off(self, item: _Item | _Link, carries: bool) -> bool:
+        if self.fork_check is not None:
+            self.fork_check()
         inbox = self._inbox
         if len(inbox) >= MAX_BACKLOG or self._is_shutdown:
             if carries:  # a span that carries nothing costs its trace nothing

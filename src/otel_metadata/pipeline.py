@@ -41,19 +41,21 @@ class Pipeline:
     def __init__(self, settings: Settings, retry: RetryPolicy | None = None) -> None:
         assert settings.api_key is not None
         self.settings = s = settings
-        self.stats = Stats()
+        self.counters = Stats()
         self.rules = MappingRules(s.request_id_attributes, s.extra_attributes,
                                   s.max_value_length, chosen(s.conventions))
         self._retry = retry
         self._is_shutdown = False
         self._flushed_losses = 0  # `stats.losses` when the previous flush returned
-        self.delivery = Delivery(self._store(), self._transport(), s, self.stats, retry)
+        self.delivery = Delivery(self._store(), self._transport(), s, self.counters, retry)
         self.join = TraceJoin(self.delivery.submit, static=map_values(s.metadata, self.rules,
-                              self.stats), max_traces=s.max_traces,
-                              max_wait_s=s.max_trace_wait_s, stats=self.stats)
+                              self.counters), max_traces=s.max_traces,
+                              max_wait_s=s.max_trace_wait_s, stats=self.counters)
         self.delivery.on_drop = self.join.unsend
-        self.intake = Intake(self.join, self.rules, self.stats, max_wait_s=s.max_trace_wait_s)
+        self.intake = Intake(self.join, self.rules, self.counters, max_wait_s=s.max_trace_wait_s)
         self._fork_guard = ForkGuard(self._after_fork)
+        if self._fork_guard.polling:
+            self.intake.fork_check = self._fork_guard.check
         _live.add(self)
 
     def _store(self) -> RecordStore:
@@ -63,7 +65,7 @@ class Pipeline:
     def _transport(self) -> Transport:
         assert self.settings.api_key is not None
         return Transport(self.settings.endpoint, self.settings.api_key,
-                         self.settings.max_concurrency, self.stats)
+                         self.settings.max_concurrency, self.counters)
 
     def link(self, request_id: RequestId, trace_id: int, span_id: int, parent: Any,
              attrs: Mapping[str, Any] | None, ended_ns: int | None,
@@ -83,7 +85,7 @@ class Pipeline:
         before = self._flushed_losses
         ok = (self.intake.release(timeout_s)
               and self.delivery.force_flush(max(0.0, deadline - time.monotonic())))
-        self._flushed_losses = losses = self.stats.losses
+        self._flushed_losses = losses = self.counters.losses
         return ok and losses == before
 
     def shutdown(self) -> None:
@@ -100,16 +102,16 @@ class Pipeline:
         except Exception:  # never let our trouble break the provider's shutdown at exit
             _logger.exception("otel-metadata: shutdown failed")
         self.join.clear()
-        counts = self.snapshot()
+        counts = self.stats()
         trouble = {k: v for k, v in counts.items() if k.startswith(_TROUBLE) and v}
         if trouble:
             _logger.warning("otel-metadata: at shutdown: %s (delivered %d)",
                             ", ".join(f"{k}={v}" for k, v in sorted(trouble.items())),
                             counts.get("delivered", 0))
 
-    def snapshot(self) -> dict[str, int]:
+    def stats(self) -> dict[str, int]:
         """Counts of what happened so far, plus what waits: never waits itself."""
-        counts = self.stats.snapshot()
+        counts = self.counters.snapshot()
         counts["held_traces"] = len(self.join)
         counts["backlog"] = len(self.intake)
         return counts
@@ -117,7 +119,7 @@ class Pipeline:
     def _after_fork(self) -> None:
         if self._is_shutdown:
             return
-        self.stats.reset_after_fork()
+        self.counters.reset_after_fork()
         self._flushed_losses = 0
         self.join.clear()
         self.intake.after_fork()

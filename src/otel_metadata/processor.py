@@ -196,7 +196,7 @@ class MetadataSpanProcessor(SpanProcessor):
         waits now: ``held_traces``, ``backlog`` (spans handed over, not joined yet)."""
         if self._pipeline is None:
             return {}
-        return self._pipeline.snapshot()
+        return self._pipeline.stats()
 
 
 def _public_fields(span: ReadableSpan) -> tuple[Any, Any, Mapping[str, Any], Resource]:

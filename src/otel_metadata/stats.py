@@ -24,7 +24,8 @@ STANDARD_COUNTERS: tuple[str, ...] = (
     "dropped.error",              # an unexpected error in the sender (a bug; logged)
     "truncated_values",           # values cut to max_value_length
     "dropped_keys",               # metadata keys longer than 1024 characters
-    "ignored_request_ids",        # request IDs of a type PromptLayer cannot take
+    "ignored_request_ids",        # request IDs of a type PromptLayer cannot take, or linked late
+    "errors",                     # spans a source could not read (a bug or a hostile object)
 )
 
 # How many distinct keys of one kind we remember having warned about, so a flood of odd keys

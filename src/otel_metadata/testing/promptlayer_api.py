@@ -1,0 +1,432 @@
+"""A local PromptLayer for the `promptlayer` SDK, on 127.0.0.1: strict, and with a model to run.
+
+The SDK reads one base URL (``PromptLayer(base_url=...)`` or ``PROMPTLAYER_BASE_URL``) and calls,
+below it, the endpoints served here, each checked as PromptLayer's published reference describes
+it (docs.promptlayer.com/reference):
+
+- ``POST /prompt-templates/{identifier}`` (Get Prompt Template): ``X-API-KEY`` header; body fields
+  ``version`` (int > 0), ``workspace_id``, ``label``, ``provider`` (openai | anthropic),
+  ``input_variables``, ``metadata_filters``, plus what the SDK also sends (``api_key``,
+  ``model``, ``model_parameter_overrides``). Answers the template with ``llm_kwargs`` rendered
+  for OpenAI and ``provider_base_url`` pointing at the model below.
+- ``POST /track-request`` (also ``/rest/track-request``; Track Request): the key is the body's
+  ``api_key``; ``function_name``, ``kwargs``, ``request_response``, ``request_start_time``,
+  ``request_end_time`` required. Answers ``{"success", "message", "request_id"}`` (and the
+  ``prompt_blueprint`` when ``return_prompt_blueprint``).
+- ``POST /log-request`` (Log Request): ``X-API-KEY`` header; ``provider``, ``model``, ``input``
+  and ``output`` (prompt blueprints whose content is a list of blocks) required. Answers 201
+  ``{"id", "prompt_version", "status", "error_type", "error_message"}``.
+- ``POST /v1/traces`` (OTLP/HTTP, the 1.5 SDK's tracing) and ``POST /spans-bulk`` (the 1.4 SDK's
+  tracing): ``X-Api-Key`` header; counted, not kept.
+- ``POST /rest/track-metadata``: forwarded to a `TrackMetadataServer` when one is given, so one
+  ``PROMPTLAYER_BASE_URL`` serves both the SDK and this package's processor, as the real API does.
+
+A field of the wrong type, a missing required one or one neither the reference nor the SDK sends
+is refused (400/401/404/422, recorded in `refused`), so an SDK call that the real API would
+refuse fails here too. Every request ID issued is recorded in `logged`.
+
+The model: ``POST /v1/chat/completions``, OpenAI-compatible (bearer `llm_api_key`), answering
+"You asked: <last message>", streamed as server-sent events when ``stream`` is true;
+`fail_llm` makes the next calls fail with a 400, as a provider refusing a request does.
+"""
+
+from __future__ import annotations
+
+import http.client
+import itertools
+import json
+import threading
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
+from urllib.parse import unquote, urlsplit
+
+from .track_metadata import PATH as TRACK_METADATA_PATH
+from .track_metadata import TrackMetadataServer
+
+MODEL = "gpt-4o-mini"
+_BLUEPRINT_TYPES = {"chat", "completion"}
+_STATUSES = {"SUCCESS", "WARNING", "ERROR"}
+
+
+class Refused(Exception):
+    """A request the API would refuse: HTTP `status` with `reason` as its message."""
+
+    def __init__(self, status: int, reason: str) -> None:
+        super().__init__(reason)
+        self.status = status
+        self.reason = reason
+
+
+@dataclass(frozen=True)
+class Logged:
+    """A request ID the fake issued: by which endpoint, for which body."""
+
+    request_id: int
+    endpoint: str
+    body: Mapping[str, Any]
+
+    @property
+    def status(self) -> str:
+        """SUCCESS, WARNING or ERROR, as the SDK logged it."""
+        return str(self.body.get("status") or "SUCCESS")
+
+
+@dataclass
+class Template:
+    """A prompt in the registry: one user message, an f-string over `input_variables`."""
+
+    id: int
+    text: str
+    input_variables: list[str] = field(default_factory=list)
+
+
+# Type checks: a field's name -> what it must be. `None` is accepted for every optional field.
+def _is_int(v: object) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_number(v: object) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+def _is_str(v: object) -> bool:
+    return isinstance(v, str)
+
+
+def _is_object(v: object) -> bool:
+    return isinstance(v, dict)
+
+
+def _is_str_list(v: object) -> bool:
+    return isinstance(v, list) and all(isinstance(x, str) for x in v)
+
+
+def _is_str_map(v: object) -> bool:
+    return isinstance(v, dict) and all(
+        isinstance(k, str) and len(k) <= 1024 and isinstance(x, str) for k, x in v.items())
+
+
+def _is_time(v: object) -> bool:  # a Unix timestamp, or the reference's date-time string
+    return _is_number(v) or (isinstance(v, str) and v.strip() != "")
+
+
+Check = Callable[[object], bool]
+
+_TEMPLATE_FIELDS: dict[str, Check] = {
+    "version": lambda v: _is_int(v) and v > 0,  # type: ignore[operator]
+    "workspace_id": _is_int, "label": _is_str,
+    "provider": lambda v: v in ("openai", "anthropic"),
+    "input_variables": _is_object, "metadata_filters": _is_object,
+    # Sent by the SDK beyond the reference's list.
+    "api_key": _is_str, "model": _is_str, "model_parameter_overrides": _is_object,
+}
+_TRACK_REQUIRED: dict[str, Check] = {
+    "function_name": lambda v: isinstance(v, str) and v != "", "kwargs": _is_object,
+    "request_response": _is_object, "request_start_time": _is_number,
+    "request_end_time": _is_number, "api_key": _is_str,
+}
+_TRACK_OPTIONAL: dict[str, Check] = {
+    "tags": _is_str_list, "metadata": _is_str_map, "prompt_id": lambda v: _is_int(v) or _is_str(v),
+    "prompt_input_variables": _is_object, "prompt_version": _is_int, "group_id": _is_int,
+    # Sent by the SDK beyond the reference's list.
+    "provider_type": _is_str, "args": lambda v: isinstance(v, list),
+    "return_prompt_blueprint": lambda v: isinstance(v, bool), "span_id": _is_str,
+    "status": lambda v: v in _STATUSES, "error_type": _is_str, "error_message": _is_str,
+}
+_LOG_REQUIRED: dict[str, Check] = {
+    "provider": lambda v: isinstance(v, str) and v != "",
+    "model": lambda v: isinstance(v, str) and v != "",
+    "input": lambda v: _is_blueprint(v), "output": lambda v: _is_blueprint(v),
+    "request_start_time": _is_time, "request_end_time": _is_time,
+}
+_LOG_OPTIONAL: dict[str, Check] = {
+    "parameters": _is_object, "tags": _is_str_list, "metadata": _is_str_map,
+    "prompt_name": _is_str, "prompt_id": _is_int,
+    "prompt_version_number": lambda v: _is_int(v) and v > 0,  # type: ignore[operator]
+    "prompt_input_variables": _is_object,
+    "input_tokens": lambda v: _is_int(v) and v >= 0,  # type: ignore[operator]
+    "output_tokens": lambda v: _is_int(v) and v >= 0,  # type: ignore[operator]
+    "price": lambda v: _is_number(v) and v >= 0,  # type: ignore[operator]
+    "function_name": _is_str, "score": lambda v: _is_int(v) and 0 <= v <= 100,  # type: ignore[operator]
+    "score_name": _is_str, "api_type": _is_str, "status": lambda v: v in _STATUSES,
+    "error_type": _is_str, "error_message": _is_str,
+}
+
+
+def _is_blocks(v: object) -> bool:
+    return isinstance(v, list) and all(
+        isinstance(b, dict) and isinstance(b.get("type"), str) for b in v)
+
+
+def _is_blueprint(v: object) -> bool:
+    """A prompt blueprint: chat messages or completion content, content always a list of blocks."""
+    if not isinstance(v, dict) or v.get("type") not in _BLUEPRINT_TYPES:
+        return False
+    if v["type"] == "completion":
+        return _is_blocks(v.get("content"))
+    messages = v.get("messages")
+    return isinstance(messages, list) and all(
+        isinstance(m, dict) and isinstance(m.get("role"), str) and _is_blocks(m.get("content"))
+        for m in messages)
+
+
+def check_fields(body: Mapping[str, Any], required: Mapping[str, Check],
+                 optional: Mapping[str, Check]) -> None:
+    """Refuse (422) a body missing a required field, with a wrongly typed or an unknown one."""
+    unknown = set(body) - set(required) - set(optional)
+    if unknown:
+        raise Refused(422, f"unexpected fields {sorted(unknown)}")
+    for name, check in required.items():
+        if name not in body or not check(body[name]):
+            raise Refused(422, f"{name} is missing or of the wrong type")
+    for name, check in optional.items():
+        if body.get(name) is not None and not check(body[name]):
+            raise Refused(422, f"{name} is of the wrong type")
+
+
+class PromptLayerAPI:
+    """Start with ``with PromptLayerAPI(...) as api:``; point the SDK at `base_url`."""
+
+    def __init__(self, api_key: str = "pl-local-demo-key", *,
+                 track_metadata: TrackMetadataServer | None = None,
+                 llm_api_key: str = "sk-local-stub", llm_base_url: str | None = None,
+                 first_request_id: int = 90_001) -> None:
+        self.api_key = api_key
+        self.llm_api_key = llm_api_key
+        self.track_metadata = track_metadata
+        self._llm_base_url = llm_base_url
+        self.templates: dict[str, Template] = {
+            "greeting": Template(1, "Say hello to {name}.", ["name"])}
+        self.logged: list[Logged] = []
+        self.refused: list[tuple[str, int, str]] = []
+        self.spans_posts = 0
+        self.fail_llm = 0
+        self._ids = itertools.count(first_request_id)
+        self._lock = threading.Lock()
+        self._httpd: ThreadingHTTPServer | None = None
+
+    @property
+    def base_url(self) -> str:
+        """What the SDK takes as ``base_url`` / ``PROMPTLAYER_BASE_URL``."""
+        assert self._httpd is not None, "PromptLayerAPI not started"
+        host, port = self._httpd.server_address[:2]
+        return f"http://{host!s}:{port}"
+
+    @property
+    def llm_base_url(self) -> str:
+        """The OpenAI-compatible endpoint the templates run on (``provider_base_url``)."""
+        return self._llm_base_url or f"{self.base_url}/v1"
+
+    def __enter__(self) -> PromptLayerAPI:
+        api = self
+
+        class Handler(_Handler):
+            owner = api
+
+        self._httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self._httpd.daemon_threads = True
+        threading.Thread(target=self._httpd.serve_forever, args=(0.05,),
+                         name="promptlayer-api", daemon=True).start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self._httpd is not None:
+            self._httpd.shutdown()
+            self._httpd.server_close()
+            self._httpd = None
+
+    def ids(self, endpoint: str | None = None) -> list[int]:
+        """The request IDs issued so far (by one endpoint, if given), in order."""
+        with self._lock:
+            return [e.request_id for e in self.logged if endpoint in (None, e.endpoint)]
+
+    # The endpoints: each takes the parsed body and headers, returns (status, answer).
+
+    def _issue(self, endpoint: str, body: Mapping[str, Any]) -> int:
+        with self._lock:
+            request_id = next(self._ids)
+            self.logged.append(Logged(request_id, endpoint, body))
+        return request_id
+
+    def _key(self, given: object) -> None:
+        if given != self.api_key:
+            raise Refused(401, "Invalid API key")
+
+    def get_template(self, identifier: str, body: Mapping[str, Any],
+                     headers: Mapping[str, str]) -> tuple[int, Any]:
+        self._key(headers.get("X-API-KEY"))
+        check_fields(body, {}, _TEMPLATE_FIELDS)
+        if body.get("api_key") is not None:
+            self._key(body["api_key"])
+        template = self.templates.get(identifier)
+        if template is None:
+            raise Refused(404, f"Prompt template {identifier!r} not found")
+        variables = {k: str(v) for k, v in (body.get("input_variables") or {}).items()}
+        missing = set(template.input_variables) - set(variables)
+        if missing:
+            raise Refused(422, f"input_variables missing {sorted(missing)}")
+        text = template.text.format(**variables)
+        model = {"provider": "openai", "name": MODEL, "parameters": {}}
+        return 200, {
+            "id": template.id, "prompt_name": identifier, "version": 1, "commit_message": None,
+            "prompt_template": {
+                "type": "chat", "input_variables": template.input_variables,
+                "messages": [{"role": "user", "content": [{"type": "text", "text": text}]}]},
+            "metadata": {"model": model},
+            "llm_kwargs": {"model": MODEL, "messages": [{"role": "user", "content": text}]},
+            "provider_base_url": {"url": self.llm_base_url},
+        }
+
+    def track_request(self, body: Mapping[str, Any], headers: Mapping[str, str]) -> tuple[int, Any]:
+        self._key(body.get("api_key"))
+        check_fields(body, _TRACK_REQUIRED, _TRACK_OPTIONAL)
+        answer: dict[str, Any] = {"success": True, "message": "Request tracked",
+                                  "request_id": self._issue("track-request", body)}
+        if body.get("return_prompt_blueprint"):
+            answer["prompt_blueprint"] = {"prompt_template": {"type": "chat", "messages": []},
+                                          "metadata": {"model": {"provider": "openai",
+                                                                 "name": MODEL}}}
+        return 200, answer
+
+    def log_request(self, body: Mapping[str, Any], headers: Mapping[str, str]) -> tuple[int, Any]:
+        self._key(headers.get("X-API-KEY"))
+        check_fields(body, _LOG_REQUIRED, _LOG_OPTIONAL)
+        return 201, {"id": self._issue("log-request", body), "prompt_version": None,
+                     "status": body.get("status") or "SUCCESS",
+                     "error_type": body.get("error_type"),
+                     "error_message": body.get("error_message")}
+
+    def spans(self, headers: Mapping[str, str]) -> None:
+        self._key(headers.get("X-Api-Key"))
+        with self._lock:
+            self.spans_posts += 1
+
+    def chat(self, body: Mapping[str, Any], headers: Mapping[str, str]) -> str:
+        """The model: a completion answering the last message (refused while `fail_llm` > 0)."""
+        if headers.get("Authorization") != f"Bearer {self.llm_api_key}":
+            raise Refused(401, "Incorrect API key provided")
+        if not isinstance(body.get("model"), str) or not isinstance(body.get("messages"), list):
+            raise Refused(400, "model and messages are required")
+        with self._lock:
+            failing = self.fail_llm > 0
+            self.fail_llm -= failing
+        if failing:
+            raise Refused(400, "The model refused this request")
+        last = body["messages"][-1]["content"]
+        return f"You asked: {last}"
+
+
+def _chunks(answer: str, model: str, usage: bool) -> Iterator[dict[str, Any]]:
+    """The answer as OpenAI chat-completion chunks: role, words, stop, then usage if asked."""
+    base = {"id": "chatcmpl-local", "object": "chat.completion.chunk", "created": 1_700_000_000,
+            "model": model}
+    yield {**base, "choices": [{"index": 0, "delta": {"role": "assistant", "content": ""},
+                                "finish_reason": None}]}
+    for word in answer.split(" "):
+        yield {**base, "choices": [{"index": 0, "delta": {"content": word + " "},
+                                    "finish_reason": None}]}
+    yield {**base, "choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}]}
+    if usage:
+        yield {**base, "choices": [], "usage": _USAGE}
+
+
+_USAGE = {"prompt_tokens": 9, "completion_tokens": 5, "total_tokens": 14}
+
+
+class _Handler(BaseHTTPRequestHandler):
+    owner: PromptLayerAPI
+    protocol_version = "HTTP/1.1"
+
+    def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - the base's name
+        pass
+
+    def _send(self, status: int, data: bytes, content_type: str = "application/json") -> None:
+        self.send_response(status)
+        self.send_header("Content-Type", content_type)
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+    def _json(self, status: int, payload: Any) -> None:
+        self._send(status, json.dumps(payload).encode())
+
+    def do_POST(self) -> None:  # noqa: N802 - http.server's naming
+        raw = self.rfile.read(int(self.headers.get("Content-Length") or 0))
+        path = urlsplit(self.path).path
+        owner = self.owner
+        try:
+            if path == TRACK_METADATA_PATH:
+                self._forward(raw)
+            elif path in ("/v1/traces", "/spans-bulk"):
+                owner.spans(self.headers)  # type: ignore[arg-type]
+                self._send(200, b"" if path == "/v1/traces" else b'{"success": true}',
+                           "application/x-protobuf" if path == "/v1/traces" else "application/json")
+            else:
+                self._route(path, self._body(raw))
+        except Refused as refused:
+            with owner._lock:
+                owner.refused.append((path, refused.status, refused.reason))
+            if path == "/v1/chat/completions":
+                self._json(refused.status, {"error": {"message": refused.reason,
+                                                      "type": "invalid_request_error"}})
+            else:
+                self._json(refused.status, {"success": False, "message": refused.reason})
+
+    def _body(self, raw: bytes) -> dict[str, Any]:
+        if (self.headers.get("Content-Type") or "").split(";")[0].strip() != "application/json":
+            raise Refused(400, "Content-Type must be application/json")
+        try:
+            body = json.loads(raw)
+        except (UnicodeDecodeError, ValueError):
+            raise Refused(400, "body is not JSON") from None
+        if not isinstance(body, dict):
+            raise Refused(400, "body must be a JSON object")
+        return body
+
+    def _route(self, path: str, body: dict[str, Any]) -> None:
+        owner, headers = self.owner, self.headers
+        if path.startswith("/prompt-templates/"):
+            self._json(*owner.get_template(unquote(path.removeprefix("/prompt-templates/")),
+                                           body, headers))  # type: ignore[arg-type]
+        elif path in ("/track-request", "/rest/track-request"):
+            self._json(*owner.track_request(body, headers))  # type: ignore[arg-type]
+        elif path == "/log-request":
+            self._json(*owner.log_request(body, headers))  # type: ignore[arg-type]
+        elif path == "/v1/chat/completions":
+            self._answer_chat(body)
+        else:
+            raise Refused(404, f"no route {path}")
+
+    def _answer_chat(self, body: dict[str, Any]) -> None:
+        answer = self.owner.chat(body, self.headers)  # type: ignore[arg-type]
+        model = body["model"]
+        if not body.get("stream"):
+            self._json(200, {
+                "id": "chatcmpl-local", "object": "chat.completion", "created": 1_700_000_000,
+                "model": model, "usage": _USAGE,
+                "choices": [{"index": 0, "finish_reason": "stop", "logprobs": None,
+                             "message": {"role": "assistant", "content": answer}}]})
+            return
+        usage = bool((body.get("stream_options") or {}).get("include_usage"))
+        events = b"".join(b"data: " + json.dumps(c).encode() + b"\n\n"
+                          for c in _chunks(answer, model, usage))
+        self._send(200, events + b"data: [DONE]\n\n", "text/event-stream")
+
+    def _forward(self, raw: bytes) -> None:
+        """Hand a track-metadata POST to the TrackMetadataServer, and its answer back."""
+        target = self.owner.track_metadata
+        if target is None:
+            raise Refused(404, "no track-metadata server behind this fake")
+        host, port = urlsplit(target.base_url).netloc.split(":")
+        conn = http.client.HTTPConnection(host, int(port), timeout=10)
+        try:
+            headers = {k: v for k, v in self.headers.items()
+                       if k.lower() in ("x-api-key", "content-type")}
+            conn.request("POST", TRACK_METADATA_PATH, raw, headers)
+            answer = conn.getresponse()
+            self._send(answer.status, answer.read(),
+                       answer.getheader("Content-Type") or "application/json")
+        finally:
+            conn.close()

@@ -1,0 +1,140 @@
+"""Every way an app calls the real `promptlayer` SDK, for tests/test_promptlayer.py.
+
+Each call style makes exactly one request that PromptLayer logs, consumes what it returns as an
+app would, and returns that (a stream as its type and the items it yielded), so a test can
+compare what the app got with and without the instrumentor.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Callable, Coroutine, Iterable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any
+
+import openai
+from opentelemetry.sdk.trace import Tracer
+from opentelemetry.trace import Span
+from promptlayer import AsyncPromptLayer, PromptLayer
+
+from otel_metadata.testing.promptlayer_api import MODEL, PromptLayerAPI
+
+PROMPT, VARIABLES = "greeting", {"name": "Ana"}
+MESSAGES = [{"role": "user", "content": "What is OpenTelemetry?"}]
+_TEXT = [{"type": "text", "text": "hi"}]
+LOGGED = {
+    "provider": "openai", "model": MODEL,
+    "input": {"type": "chat", "messages": [{"role": "user", "content": _TEXT}]},
+    "output": {"type": "chat", "messages": [{"role": "assistant", "content": _TEXT}]},
+}
+
+
+@dataclass
+class Clients:
+    """The app's PromptLayer clients, sync and async, and the event loop its async code runs on."""
+
+    api: PromptLayerAPI
+    sync: PromptLayer
+    aio: AsyncPromptLayer
+    loop: asyncio.AbstractEventLoop
+
+    def wait(self, coro: Coroutine[Any, Any, Any]) -> Any:
+        """Await `coro` as the app's code would, in the current context (its span, its values)."""
+        return self.loop.run_until_complete(coro)
+
+    def wait_for(self, coro: Coroutine[Any, Any, Any]) -> Any:
+        """`wait`, as a reader of LATER."""
+        return self.wait(coro)
+
+
+@contextmanager
+def handler(tracer: Tracer, user: str = "ana") -> Iterator[Span]:
+    """A web handler's span, the user set once on it."""
+    with tracer.start_as_current_span("POST /chat") as span:
+        span.set_attribute("user.id", user)
+        yield span
+
+
+def stream_of(stream: Iterable[Any]) -> tuple[str, list[Any]]:
+    return type(stream).__name__, list(stream)
+
+
+async def astream_of(stream: Any) -> tuple[str, list[Any]]:
+    return type(stream).__name__, [item async for item in stream]
+
+
+def failing(call: Callable[[], Any], api: PromptLayerAPI) -> str:
+    """Make the model refuse one request; the SDK logs it as an error, then raises."""
+    api.fail_llm = 1
+    try:
+        call()
+    except openai.BadRequestError as error:
+        return type(error).__name__
+    raise AssertionError("the SDK did not raise")
+
+
+def log_args() -> dict[str, Any]:
+    now = time.time()
+    return {**LOGGED, "request_start_time": now, "request_end_time": now}
+
+
+async def _proxy_async(c: Clients, **kwargs: Any) -> Any:
+    client = c.aio.openai.AsyncOpenAI()
+    answer = await client.chat.completions.create(model=MODEL, messages=MESSAGES, **kwargs)
+    return await astream_of(answer) if kwargs.get("stream") else answer
+
+
+async def _run_stream_async(c: Clients) -> Any:
+    return await astream_of(await c.aio.run(PROMPT, input_variables=VARIABLES, stream=True))
+
+
+def _proxy(c: Clients, **kwargs: Any) -> Any:
+    answer = c.sync.openai.OpenAI().chat.completions.create(model=MODEL, messages=MESSAGES,
+                                                              **kwargs)
+    return stream_of(answer) if kwargs.get("stream") else answer
+
+
+STYLES: dict[str, Callable[[Clients], Any]] = {
+    "run": lambda c: c.sync.run(PROMPT, input_variables=VARIABLES),
+    "run_stream": lambda c: stream_of(c.sync.run(PROMPT, input_variables=VARIABLES, stream=True)),
+    "run_async": lambda c: c.wait(c.aio.run(PROMPT, input_variables=VARIABLES)),
+    "run_async_stream": lambda c: c.wait(_run_stream_async(c)),
+    "run_error": lambda c: failing(lambda: c.sync.run(PROMPT, input_variables=VARIABLES), c.api),
+    "run_async_error": lambda c: failing(
+        lambda: c.wait(c.aio.run(PROMPT, input_variables=VARIABLES)), c.api),
+    "log_request": lambda c: c.sync.log_request(**log_args()),
+    "log_request_async": lambda c: c.wait(c.aio.log_request(**log_args())),
+    "proxy": lambda c: _proxy(c),
+    "proxy_pl_id": lambda c: _proxy(c, return_pl_id=True),
+    "proxy_stream": lambda c: _proxy(c, stream=True),
+    "proxy_stream_pl_id": lambda c: _proxy(c, stream=True, return_pl_id=True),
+    "proxy_async": lambda c: c.wait(_proxy_async(c)),
+    "proxy_async_pl_id": lambda c: c.wait(_proxy_async(c, return_pl_id=True)),
+    "proxy_async_stream": lambda c: c.wait(_proxy_async(c, stream=True)),
+}
+
+
+async def _proxy_stream_async(c: Clients) -> Any:
+    return await c.aio.openai.AsyncOpenAI().chat.completions.create(
+        model=MODEL, messages=MESSAGES, stream=True)
+
+
+# Calls whose answer is read (a stream) or awaited (a coroutine) after the call returned:
+# name -> (make the call, read the answer).
+LATER: dict[str, tuple[Callable[[Clients], Any], Callable[[Clients, Any], Any]]] = {
+    "run_stream": (lambda c: c.sync.run(PROMPT, input_variables=VARIABLES, stream=True),
+                   lambda c, s: stream_of(s)),
+    "run_async": (lambda c: c.aio.run(PROMPT, input_variables=VARIABLES), Clients.wait_for),
+    "run_async_stream": (
+        lambda c: c.wait(c.aio.run(PROMPT, input_variables=VARIABLES, stream=True)),
+        lambda c, s: c.wait(astream_of(s))),
+    "log_request_async": (lambda c: c.aio.log_request(**log_args()), Clients.wait_for),
+    "proxy_stream": (lambda c: c.sync.openai.OpenAI().chat.completions.create(
+        model=MODEL, messages=MESSAGES, stream=True), lambda c, s: stream_of(s)),
+    "proxy_async": (lambda c: c.aio.openai.AsyncOpenAI().chat.completions.create(
+        model=MODEL, messages=MESSAGES), Clients.wait_for),
+    "proxy_async_stream": (lambda c: c.wait(_proxy_stream_async(c)),
+                           lambda c, s: c.wait(astream_of(s))),
+}
