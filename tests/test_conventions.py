@@ -59,12 +59,31 @@ def ask(client: openai.OpenAI, **kwargs: Any) -> None:
 
 @contextmanager
 def instrumented(instrumentor: Any, provider: Any) -> Iterator[None]:
-    """One tool's OpenAI instrumentation on the test's provider, removed afterwards."""
+    """One tool's OpenAI instrumentation on the test's provider, removed afterwards.
+
+    Traceloop's `uninstrument` (0.62.4) leaves its wrappers on the client's methods, and they
+    break later tests' streamed calls (PromptLayer's proxy): the methods are put back by hand.
+    """
+    before = _openai_methods()
     instrumentor.instrument(tracer_provider=provider)
     try:
         yield
     finally:
         instrumentor.uninstrument()
+        for (cls, name), method in before.items():
+            if cls.__dict__.get(name) is not method:
+                setattr(cls, name, method)
+
+
+def _openai_methods() -> dict[tuple[type, str], Any]:
+    import sys
+
+    return {(cls, name): method
+            for module_name, module in list(sys.modules.items())
+            if module_name.startswith("openai.resources") and module is not None
+            for cls in vars(module).values() if isinstance(cls, type)
+            and cls.__module__ == module_name
+            for name, method in list(vars(cls).items()) if callable(method)}
 
 
 @contextmanager
