@@ -381,3 +381,90 @@ def test_keys_of_a_post_given_up_on_travel_again_in_the_follow_up(server, make_p
     root.end()
     assert p.flush()
     assert server.metadata == {1: {"step": "1", "user_id": "u"}}
+
+
+# -- the request's own subtree (SPEC §6 layer 2) --
+
+def test_the_requests_descendants_contribute_nearer_then_later_ended(server,
+                                                                     make_pipeline) -> None:
+    p = make_pipeline()
+    with p.tracer.start_as_current_span("handler") as root:
+        root.set_attribute("promptlayer.metadata.from", "root")
+        with p.tracer.start_as_current_span("request") as request:
+            set_request_id(1)
+            request.set_attribute("promptlayer.metadata.own", "request")
+            with p.tracer.start_as_current_span("llm") as child:
+                child.set_attributes({"promptlayer.metadata.from": "child",
+                                      "promptlayer.metadata.own": "child",
+                                      "promptlayer.metadata.depth": "1"})
+                with p.tracer.start_as_current_span("http") as grandchild:
+                    grandchild.set_attributes({"promptlayer.metadata.depth": "2",
+                                               "promptlayer.metadata.deep": "yes"})
+            for n in ("first", "second"):  # the same depth: the later-ended wins
+                with p.tracer.start_as_current_span("retry") as retry:
+                    retry.set_attribute("promptlayer.metadata.attempt", n)
+    assert p.flush()
+    assert server.metadata == {1: {"own": "request", "from": "child", "depth": "1",
+                                   "deep": "yes", "attempt": "second"}}
+
+
+def test_two_requests_under_one_parent_keep_their_own_children(server, make_pipeline) -> None:
+    p = make_pipeline()
+    with p.tracer.start_as_current_span("handler") as root:
+        root.set_attribute("user.id", "u")
+        for rid in (1, 2):
+            with p.tracer.start_as_current_span("request"):
+                set_request_id(rid)
+                with p.tracer.start_as_current_span("llm") as llm:
+                    llm.set_attribute(f"promptlayer.metadata.only_{rid}", "x")
+                    llm.set_attribute("gen_ai.conversation.id", f"c{rid}")
+    assert p.flush()
+    assert server.metadata == {1: {"user_id": "u", "only_1": "x", "conversation_id": "c1"},
+                               2: {"user_id": "u", "only_2": "x", "conversation_id": "c2"}}
+
+
+def test_a_nested_request_keeps_its_subtree_and_the_outer_keeps_out(server,
+                                                                    make_pipeline) -> None:
+    p = make_pipeline()
+    with p.tracer.start_as_current_span("agent") as outer:
+        set_request_id(1)
+        outer.set_attribute("promptlayer.metadata.agent", "planner")
+        with p.tracer.start_as_current_span("plan") as plan:  # the outer's own subtree
+            plan.set_attribute("promptlayer.metadata.plan", "3 steps")
+        with p.tracer.start_as_current_span("tool call") as inner:
+            set_request_id(2)
+            inner.set_attribute("promptlayer.metadata.tool", "search")
+            with p.tracer.start_as_current_span("llm") as llm:
+                llm.set_attribute("user.id", "inner's llm")
+    assert p.flush()
+    assert server.metadata == {1: {"agent": "planner", "plan": "3 steps"},
+                               2: {"agent": "planner", "tool": "search",
+                                   "user_id": "inner's llm"}}
+
+
+def test_a_descendant_that_ends_after_the_post_sends_a_follow_up(server, make_pipeline) -> None:
+    """A streamed LLM span outlives the request span and the handler (its local root)."""
+    p = make_pipeline()
+    with p.tracer.start_as_current_span("handler"):
+        with p.tracer.start_as_current_span("request") as request:
+            set_request_id(1)
+            request.set_attribute("promptlayer.metadata.step", "1")
+            stream = p.tracer.start_span("llm stream")
+    assert p.flush()
+    assert server.metadata == {1: {"step": "1"}}
+    stream.set_attributes({"promptlayer.metadata.tokens": 42,
+                           "promptlayer.metadata.step": "weaker than the request's own"})
+    stream.end()
+    assert p.flush()
+    assert [post.metadata for post in server.accepted()] == [{"step": "1"}, {"tokens": "42"}]
+
+
+def test_a_request_that_is_its_own_local_root_gets_children_that_ended_first(
+        server, make_pipeline) -> None:
+    p = make_pipeline()
+    with p.tracer.start_as_current_span("job"):
+        set_request_id(1)
+        with p.tracer.start_as_current_span("llm") as llm:
+            llm.set_attribute("enduser.id", "batch-user")
+    assert p.flush()
+    assert server.metadata == {1: {"user_id": "batch-user"}}

@@ -151,3 +151,92 @@ def test_a_learnt_name_beside_a_relevant_one_is_still_relevant() -> None:
     assert not rules.is_relevant({"http.route": "/chat", "url.path": "/chat"})
     assert rules.is_relevant({"http.route": "/chat", "user.id": "u"})
     assert rules.is_relevant({"url.path": "/chat", "promptlayer.metadata.plan": "pro"})
+
+
+# -- other tools' conventions (SPEC §4) --
+
+@pytest.mark.parametrize(("attrs", "expected"), [
+    ({"metadata": '{"plan": "pro", "seats": 3, "beta": true, "tags": ["a", "b"]}'},
+     {"plan": "pro", "seats": "3", "beta": "true", "tags": '["a", "b"]'}),
+    ({"traceloop.association.properties.tenant": "acme",
+      "traceloop.association.properties.user_id": "u"}, {"tenant": "acme", "user_id": "u"}),
+    ({"langfuse.trace.metadata.plan": '"pro"', "langfuse.observation.metadata.n": "3",
+      "langfuse.observation.metadata.doc": '{"id":7}', "langfuse.trace.metadata.raw": "raw"},
+     {"plan": "pro", "n": "3", "doc": '{"id":7}', "raw": "raw"}),
+    ({"langfuse.user.id": "u", "langfuse.session.id": "s"},
+     {"user_id": "u", "conversation_id": "s"}),
+    ({"gen_ai.user": "end", "llm.user": "end", "gen_ai.request.user": "end"}, {}),  # weakest
+    ({"langfuse_user_id": "u", "langfuse_metadata_plan": "p"}, {}),  # baggage names only
+])
+def test_each_tool_convention_maps_exactly(attrs, expected) -> None:
+    assert mapped(attrs) == expected
+    assert RULES.is_relevant(attrs) or attrs.keys() <= {"langfuse_user_id",
+                                                        "langfuse_metadata_plan"}
+
+
+def test_the_end_user_field_is_the_cross_layer_fallback() -> None:
+    from otel_metadata.mapping import map_weakest
+
+    assert map_weakest({"llm.user": "c", "gen_ai.user": "b"}, RULES, Stats()) == {"user_id": "b"}
+    assert map_weakest({"gen_ai.request.user": "a", "gen_ai.user": "b"}, RULES,
+                       Stats()) == {"user_id": "a"}
+
+
+def test_langfuse_baggage_maps_only_from_baggage() -> None:
+    from otel_metadata.mapping import map_baggage
+
+    bag = {"langfuse_user_id": "u", "langfuse_session_id": "s",
+           "langfuse_metadata_plan": '"pro"', "langfuse_trace_id": "abc"}
+    assert map_baggage(bag, RULES, Stats()) == {"user_id": "u", "conversation_id": "s",
+                                                "plan": "pro"}
+    assert RULES.is_relevant_baggage(bag) and not RULES.is_relevant_baggage({"x": "y"})
+
+
+def test_tools_rank_below_promptlayer_standard_extra_and_fallback_names() -> None:
+    rules = MappingRules(extra_attributes={"app.user": "user_id"})
+    tools = {"langfuse.user.id": "lf", "traceloop.association.properties.user_id": "tl",
+             "metadata": '{"user_id": "oi"}'}
+    order = [("promptlayer.metadata.user_id", "explicit"), ("user.id", "standard"),
+             ("app.user", "extra"), ("enduser.id", "fallback"), ("langfuse.user.id", "lf"),
+             ("traceloop.association.properties.user_id", "tl"), ("metadata", "oi")]
+    attrs = {**tools, **{name: value for name, value in order if name not in tools}}
+    for name, value in order:  # remove the strongest each time: the next one shows
+        assert mapped(attrs, rules) == {"user_id": value}
+        del attrs[name]
+    assert mapped({"langfuse.trace.metadata.k": "trace",
+                   "langfuse.observation.metadata.k": "observation"}) == {"k": "observation"}
+
+
+def test_conventions_none_reads_no_tool() -> None:
+    from otel_metadata.conventions import chosen
+
+    rules = MappingRules(conventions=chosen(()))
+    assert mapped({"metadata": '{"a": "1"}', "langfuse.user.id": "u",
+                   "traceloop.association.properties.a": "1"}, rules) == {}
+    assert rules.context_keys == frozenset() and rules.weakest_steps == ()
+    assert not rules.is_relevant({"metadata": "{}", "gen_ai.user": "u"})
+
+
+@pytest.mark.parametrize(("value", "expected", "counted"), [
+    ('["a", 1]', {"metadata": '["a", 1]'}, "json_not_object"),
+    ("not json", {"metadata": "not json"}, "json_not_object"),
+    ("3", {"metadata": "3"}, "json_not_object"),
+    (5, {"metadata": "5"}, "json_not_object"),
+    (("a", "b"), {"metadata": '["a", "b"]'}, "json_not_object"),
+    ("[" * 100_000, {"metadata": "[" * 1024}, "json_not_object"),  # the parser's recursion
+    ('{"o": {"deep": [1, {"x": "é"}]}, "l": [[1]], "n": null}',
+     {"o": '{"deep": [1, {"x": "é"}]}', "l": "[[1]]"}, "json_nested_values"),
+])
+def test_a_json_attribute_that_is_not_a_flat_object_is_stringified_and_counted(
+        value, expected, counted) -> None:
+    stats = Stats()
+    assert map_attributes({"metadata": value}, RULES, stats) == expected
+    assert stats.snapshot()[counted] >= 1
+
+
+@given(st.one_of(st.text(), st.recursive(
+    st.one_of(st.none(), st.booleans(), st.integers(), st.floats(), st.text()),
+    lambda inner: st.lists(inner) | st.dictionaries(st.text(), inner)).map(json.dumps)))
+def test_any_json_attribute_gives_str_to_str_and_never_raises(value) -> None:
+    out = map_attributes({"metadata": value, "langfuse.trace.metadata.k": value}, RULES, Stats())
+    assert all(isinstance(k, str) and isinstance(v, str) for k, v in out.items())

@@ -172,3 +172,12 @@ time.sleep(60)
     _, stdout, _ = _terminate(proc)
     assert proc.returncode == 3
     assert stdout == "app handler\n"
+
+
+def test_shutdown_puts_the_previous_handler_back(make_pipeline: object) -> None:
+    """Processors come and go (tests, reloads): each one's handler goes with it."""
+    before = signal.getsignal(signal.SIGTERM)
+    p = make_pipeline()  # type: ignore[operator]
+    assert signal.getsignal(signal.SIGTERM) is not before
+    p.processor.shutdown()
+    assert signal.getsignal(signal.SIGTERM) is before

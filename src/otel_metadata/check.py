@@ -127,7 +127,9 @@ def describe(settings: config.Settings) -> str:
     registered = bool(entry_points(group="opentelemetry_traces_exporter", name=EXPORTER_NAME))
     rows = [("api_key", key)]
     for name, o in config.OPTIONS.items():
-        value = getattr(s, name)
+        value = source = getattr(s, name)
+        if name == "conventions":  # the one list a variable sets
+            value = ",".join(value) or "none"
         if name == "api_key" or not isinstance(value, (bool, int, float, str)):
             continue
         shown = value * o.scale if isinstance(value, float) else value
@@ -135,7 +137,7 @@ def describe(settings: config.Settings) -> str:
             f"{shown:g}" if isinstance(shown, float) else str(shown))
         unit = f" {o.unit}" if o.unit else ""
         label = name.removesuffix("_s")
-        rows.append((label, f"{text}{unit} ({config.source_of(name, value)})"))
+        rows.append((label, f"{text}{unit} ({config.source_of(name, source)})"))
         if name == "base_url":
             rows.append(("endpoint", s.endpoint))
     entry = "registered" if registered else "MISSING (reinstall otel-metadata)"

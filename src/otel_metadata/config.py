@@ -18,6 +18,8 @@ from dataclasses import dataclass
 from typing import Any, cast
 from urllib.parse import urlsplit
 
+from .conventions import TOOL_NAMES
+
 _logger = logging.getLogger("otel_metadata")
 
 DEFAULT_BASE_URL = "https://api.promptlayer.com"
@@ -121,6 +123,22 @@ def _str_map(raw: object, o: Option) -> dict[str, str]:
     return good
 
 
+def _conventions(raw: object, o: Option) -> tuple[str, ...]:
+    """A comma list (or a list) of `TOOL_NAMES`, or ``none``."""
+    items = raw.split(",") if isinstance(raw, str) else raw if isinstance(raw, (list, tuple)) \
+        else None
+    if items is None or not all(isinstance(i, str) for i in items):
+        raise ValueError("expected a comma list of conventions")
+    names = [i.strip().lower() for i in items if i.strip()]
+    if names == ["none"] or not items:
+        return ()
+    unknown = [n for n in names if n not in TOOL_NAMES]
+    if unknown or not names:
+        raise ValueError(f"unknown convention(s) {', '.join(unknown) or '(empty)'}; expected "
+                         f"a comma list of {','.join(TOOL_NAMES)}, or none")
+    return tuple(n for n in TOOL_NAMES if n in names)
+
+
 def _mapping(raw: object, o: Option) -> dict[str, Any]:
     if not isinstance(raw, Mapping):
         raise ValueError("expected a mapping")
@@ -179,6 +197,9 @@ class Settings:
     disabled: bool = setting(None, "OTEL_SDK_DISABLED", False, _flag)
     request_id_attributes: tuple[str, ...] = setting(
         "request_id_attributes", None, ("promptlayer.request_id",), _names)
+    conventions: tuple[str, ...] = setting(
+        "conventions", "PROMPTLAYER_METADATA_CONVENTIONS", TOOL_NAMES, _conventions,
+        help="other tools' metadata conventions read, below the PromptLayer and standard names")
     extra_attributes: Mapping[str, str] = setting("extra_attributes", None, {}, _str_map)
     metadata: Mapping[str, Any] = setting("metadata", None, {}, _mapping)
     # Where the key came from, for messages (never the key itself); derived, not an option.

@@ -19,7 +19,7 @@ from opentelemetry import baggage, trace
 from opentelemetry.baggage import _BAGGAGE_KEY
 from opentelemetry.context import Context, attach, create_key, detach, get_current, set_value
 
-from .conventions import METADATA_PREFIX
+from .conventions import CONTEXT_KEYS, METADATA_PREFIX
 from .mapping import REQUEST_ID_ATTRIBUTE, check_request_id, stringify
 from .pipeline import live
 
@@ -70,7 +70,9 @@ def link_request_id(request_id: int | str, span: trace.Span, started: Context | 
         started = get_current()
     start = None if started is None else (
         cast(Mapping[str, str] | None, started.get(_CONTEXT_KEY)),
-        cast(Mapping[str, str] | None, started.get(_BAGGAGE_KEY)))
+        cast(Mapping[str, str] | None, started.get(_BAGGAGE_KEY)),
+        # other tools' context values (OpenInference's using_*, Traceloop's properties)
+        {k: started[k] for k in CONTEXT_KEYS.intersection(started)} or None)
     # An open span's attributes are read when it ends; an ended one's now.
     attrs = getattr(span, "attributes", None) if ended_ns is not None else None
     for pipeline in pipelines:

@@ -30,6 +30,7 @@ from .mapping import (
     map_attributes,
     map_baggage,
     map_values,
+    map_weakest,
     request_id_of,
 )
 from .queue import MAX_WAIT_S
@@ -43,8 +44,10 @@ MAX_BACKLOG = 16_384
 
 # What a source hands over for one ended span: trace ID, span ID, parent (a tuple-like
 # (trace_id, span_id, is_remote), e.g. an SDK SpanContext; None for a root), the attributes that
-# matter (None: nothing for us), the (context values, baggage) it started under, its resource.
-Started = tuple[Mapping[str, Any] | None, Mapping[str, Any] | None]
+# matter (None: nothing for us), what it started under, its resource. What it started under:
+# (metadata_context values, baggage) or (metadata_context values, baggage, other tools' context
+# values by context key: `MappingRules.context_keys`, or `conventions.CONTEXT_KEYS`).
+Started = tuple[Any, ...]
 _Item = tuple[int, int, Any, Any, Any, Any]
 
 
@@ -256,6 +259,7 @@ class Intake:
         trace_id, span_id, parent, _, started, resource = item
         rules, stats = self._rules, self._stats
         metadata = map_attributes(attrs, rules, stats) if attrs else {}
+        fallback = map_weakest(attrs, rules, stats) if attrs else None
         request_id = request_id_of(attrs, rules.request_id_attributes, stats) if attrs else None
         context_md = resource_md = None
         # Only a request span needs its start context and resource: one by its attribute, or
@@ -265,7 +269,8 @@ class Intake:
             resource_md = self._map_resource(resource)
         return SpanData(trace_id, span_id, parent[1] if parent is not None else None,
                         parent is None or parent[2], metadata,
-                        (request_id,) if request_id is not None else (), context_md, resource_md)
+                        (request_id,) if request_id is not None else (), context_md, resource_md,
+                        fallback or None)
 
     def _join_link(self, link: _Link) -> None:
         rules, stats = self._rules, self._stats
@@ -274,15 +279,22 @@ class Intake:
         span = SpanData(link.trace_id, link.span_id, parent[1] if parent is not None else None,
                         parent is None or parent[2],
                         map_attributes(attrs, rules, stats) if attrs else {},
-                        (link.request_id,), self._map_started(link.started))
+                        (link.request_id,), self._map_started(link.started),
+                        fallback=map_weakest(attrs, rules, stats) if attrs else None)
         self._join.link(span, link.ended)
 
     def _map_started(self, started: Started | None) -> dict[str, str] | None:
+        """The context layer (SPEC §6 layer 4): `metadata_context` values, then other tools'
+        context values (mapped as their attributes would be, §4's ranks within), then baggage."""
         if started is None:
             return None
-        values, bag = started
-        context_md = map_baggage(bag, self._rules, self._stats) if bag else {}
-        context_md.update(map_values(values or {}, self._rules, self._stats))  # beats baggage
+        rules, stats = self._rules, self._stats
+        values, bag = started[0], started[1]
+        tools = started[2] if len(started) > 2 else None
+        context_md = map_baggage(bag, rules, stats) if bag else {}
+        if tools:
+            context_md.update(map_attributes(rules.context_attributes(tools), rules, stats))
+        context_md.update(map_values(values or {}, rules, stats))
         return context_md
 
     def _map_resource(self, resource: Resource | None) -> Mapping[str, str]:

@@ -2,9 +2,13 @@
 
 Works on plain `SpanData`, not on SDK spans, so spans decoded from OTLP can enter it too.
 
-Strongest first: the request span's own attributes; its ancestors', nearer winning; the
-`metadata_context`/baggage values active when it started; resource attributes; static metadata.
-Siblings and cousins never contribute: only the parent chain is walked.
+Strongest first: the request span's own attributes; its descendants' that are not inside another
+request span (the LLM span an instrumentation made inside the call), nearer winning, then the
+later-ended; its ancestors', nearer winning; the `metadata_context`/other tools'/baggage values
+active when it started; resource attributes; static metadata. Below all of them, keys given only
+the cross-layer way (`SpanData.fallback`: the LLM request's own end-user field). Siblings and
+cousins never contribute: only the parent chain is walked, up from the request for its ancestors
+and up from each span that carries metadata for its subtree.
 
 A request is posted once its own local root (the first span up its chain whose parent is
 remote or absent) has ended, or after `max_wait_s`. One trace may have several local roots in a
@@ -12,7 +16,9 @@ process (an upstream service calling this one twice): each request waits for its
 and gets nothing from the other's subtree. The trace then lingers `max_wait_s` more so a request
 span that ends after its root still finds its ancestors. What is learnt after a request was
 posted goes out as a follow-up carrying only keys not sent yet, or changed keys from a layer at
-least as strong as the one that sent them.
+least as strong as the one that sent them. Spans reach the join in the order they ended, so a
+request's descendants that ended before it are known when it posts; one that ends after its
+request was posted (a streamed LLM span outliving the request span) sends a follow-up.
 
 Parent links of spans that carry nothing and end before anything in their trace is held live in a
 small two-generation memory (`note_link`), so an ancestor that ended early is still found while
@@ -31,9 +37,13 @@ from dataclasses import dataclass
 from .mapping import RequestId
 from .stats import Stats
 
-# Layer strengths (higher wins). Ancestors sit between the request itself and the context layer.
-STATIC, RESOURCE, CONTEXT, OWN = 0, 1, 2, 10_000
-_MAX_DEPTH = OWN - CONTEXT - 2
+# Layer strengths (higher wins): the request itself; its subtree, nearer stronger; its
+# ancestors, nearer stronger; context; resource; static; the cross-layer fallback below all.
+WEAKEST, STATIC, RESOURCE, CONTEXT = -1, 0, 1, 2
+_MAX_DEPTH = 5_000
+_ANCESTORS = CONTEXT + _MAX_DEPTH  # the parent's strength; an ancestor at depth d: 1 - d more
+_SUBTREE = _ANCESTORS + _MAX_DEPTH  # a child's strength; a descendant at depth d: 1 - d more
+OWN = _SUBTREE + 1
 # After its first post, a trace whose root never ends is kept this many `max_wait_s` at most.
 _FOLLOWUP_HORIZON = 12
 _MIN_FOLLOWUP_HORIZON_S = 60.0
@@ -42,6 +52,9 @@ _MIN_FOLLOWUP_HORIZON_S = 60.0
 Emit = Callable[[RequestId, dict[str, str]], bool]
 # Parent links remembered for spans outside held traces: two generations of this many each.
 LINK_GENERATION = 16_384
+# A local root remembered alone: when to forget, span ID, parent ID, metadata and fallback items.
+_Items = tuple[tuple[str, str], ...]
+_EndedRoot = tuple[float, int, int | None, _Items, _Items]
 
 
 @dataclass(slots=True)
@@ -56,16 +69,19 @@ class SpanData:
     request_ids: tuple[RequestId, ...] = ()  # several PromptLayer calls may share one span
     context: Mapping[str, str] | None = None
     resource: Mapping[str, str] | None = None
+    # Keys a request gets from this span only when no layer gives them (`map_weakest`).
+    fallback: Mapping[str, str] | None = None
 
 
 class _Trace:
-    __slots__ = ("parents", "metadata", "requests", "sent", "roots", "phase", "due")
+    __slots__ = ("parents", "metadata", "fallback", "requests", "sent", "roots", "phase", "due")
 
     roots: set[int]
 
     def __init__(self, due: float) -> None:
         self.parents: dict[int, int | None] = {}
-        self.metadata: dict[int, Mapping[str, str]] = {}
+        self.metadata: dict[int, Mapping[str, str]] = {}  # in the order the spans ended
+        self.fallback: dict[int, Mapping[str, str]] = {}
         self.requests: dict[int, SpanData] = {}
         self.sent: dict[RequestId, dict[str, tuple[str, int]]] = {}
         self.roots = set()  # local roots of this trace that have ended
@@ -115,8 +131,7 @@ class TraceJoin:
         # trace (a web handler span with `user.id` and no LLM call under it). A trace enters
         # `traces` only when another of its spans arrives. Past its wait a root is never used,
         # and it is dropped within 64 newer ones (or as the oldest when full).
-        self.ended_roots: OrderedDict[
-            int, tuple[float, int, int | None, tuple[tuple[str, str], ...]]] = OrderedDict()
+        self.ended_roots: OrderedDict[int, _EndedRoot] = OrderedDict()
 
     def unsend(self, request_id: RequestId, metadata: Mapping[str, str]) -> None:
         """A record was given up on: its keys count as unsent, so a follow-up carries them."""
@@ -185,9 +200,10 @@ class TraceJoin:
         ended = self.ended_roots.pop(tid, None)
         if ended is None:
             return False
-        due, span_id, parent_id, metadata = ended
+        due, span_id, parent_id, metadata, fallback = ended
         if due > self._clock():
-            self._add(SpanData(tid, span_id, parent_id, True, dict(metadata)))
+            self._add(SpanData(tid, span_id, parent_id, True, dict(metadata),
+                               fallback=dict(fallback) if fallback else None))
         return True
 
     def _remember_root(self, span: SpanData) -> None:
@@ -202,7 +218,8 @@ class TraceJoin:
         # Tuples of numbers and strings only: the garbage collector stops tracking them, so
         # thousands of remembered roots cost its collections nothing.
         roots[span.trace_id] = (now + self._wait, span.span_id, span.parent_id,
-                                tuple(span.metadata.items()))
+                                tuple(span.metadata.items()),
+                                tuple(span.fallback.items()) if span.fallback else ())
 
     def _add(self, span: SpanData) -> None:
         tid = span.trace_id
@@ -217,7 +234,7 @@ class TraceJoin:
                                            if r not in span.request_ids)
             span = SpanData(tid, span.span_id, span.parent_id, span.local_root, span.metadata,
                             ids, span.context or linked.context,
-                            span.resource or linked.resource)
+                            span.resource or linked.resource, span.fallback)
         self._record(trace, span, ended=True)
 
     def link(self, span: SpanData, ended: bool) -> None:
@@ -238,13 +255,14 @@ class TraceJoin:
                                                 if r not in known.request_ids)
                 span = SpanData(tid, known.span_id, known.parent_id, known.local_root,
                                 known.metadata, ids, known.context or span.context,
-                                known.resource)
+                                known.resource, known.fallback)
                 ended = ended or known.span_id in trace.roots
             elif span.span_id in trace.parents:  # it ended and was joined: its own values
                 span = SpanData(tid, span.span_id, trace.parents[span.span_id],
                                 span.span_id in trace.roots,
                                 trace.metadata.get(span.span_id, span.metadata),
-                                span.request_ids, span.context)
+                                span.request_ids, span.context,
+                                fallback=trace.fallback.get(span.span_id, span.fallback))
                 ended = True
             self._record(trace, span, ended)
 
@@ -255,6 +273,8 @@ class TraceJoin:
         trace.parents[span.span_id] = span.parent_id
         if span.metadata:
             trace.metadata[span.span_id] = span.metadata
+        if span.fallback:
+            trace.fallback[span.span_id] = span.fallback
         if span.request_ids:
             trace.requests[span.span_id] = span
         if span.local_root and ended:
@@ -265,6 +285,22 @@ class TraceJoin:
                 self._post(trace, span)
             elif trace.phase is self._lingering:  # under another, still open, local root
                 self._move(tid, trace, self._waiting, self._clock() + self._wait)
+        elif trace.sent and (span.metadata or span.fallback):
+            self._post_late_descendant(trace, span.span_id)
+
+    def _post_late_descendant(self, trace: _Trace, span_id: int) -> None:
+        """A span that carries metadata ended after the request it is inside was posted: that
+        request's follow-up (only what is new, or from a layer at least as strong)."""
+        node = self._parent(trace, span_id)
+        for _ in range(_MAX_DEPTH):
+            if node is None:
+                return
+            request = trace.requests.get(node)
+            if request is not None:  # the nearest request above: its subtree, no other's
+                if any(r in trace.sent for r in request.request_ids):
+                    self._post(trace, request)
+                return
+            node = self._parent(trace, node)
 
     def _settle(self, tid: int, trace: _Trace) -> None:
         """A local root ended: post its requests; linger once every request's root has ended."""
@@ -401,24 +437,59 @@ class TraceJoin:
                     del sent[key]
 
     def _merge(self, trace: _Trace, span: SpanData) -> dict[str, tuple[str, int]]:
-        layers: list[tuple[int, Mapping[str, str]]] = [(OWN, span.metadata)]
+        """The request's metadata, each key with the strength of the layer that gave it."""
+        # (strength, span ID or None for the request itself), strongest first.
+        lineage: list[tuple[int, int | None]] = [(OWN, None)]
+        lineage += [(_SUBTREE + 1 - depth, sid) for depth, sid in self._subtree(trace, span)]
         parent = None if span.local_root else span.parent_id
         depth = 1
         while parent is not None and depth < _MAX_DEPTH:
-            if parent in trace.metadata:
-                layers.append((OWN - depth, trace.metadata[parent]))
+            if parent in trace.metadata or parent in trace.fallback:
+                lineage.append((_ANCESTORS + 1 - depth, parent))
             parent = self._parent(trace, parent)
             depth += 1
-        if span.context:
-            layers.append((CONTEXT, span.context))
-        if span.resource:
-            layers.append((RESOURCE, span.resource))
-        layers.append((STATIC, self._static))
+        layers: list[tuple[int, Mapping[str, str] | None]] = [(STATIC, self._static),
+                                                              (RESOURCE, span.resource),
+                                                              (CONTEXT, span.context)]
+        layers += [(strength, span.metadata if sid is None else trace.metadata.get(sid))
+                   for strength, sid in reversed(lineage)]
         merged: dict[str, tuple[str, int]] = {}
-        for strength, values in reversed(layers):
-            for key, value in values.items():
+        for strength, values in layers:  # weakest first: a stronger layer overwrites
+            for key, value in (values or {}).items():
                 merged[key] = (value, strength)
+        for _, sid in reversed(lineage):  # the cross-layer keys, nearest winning
+            values = span.fallback if sid is None else trace.fallback.get(sid)
+            for key, value in (values or {}).items():
+                if key not in merged or merged[key][1] == WEAKEST:
+                    merged[key] = (value, WEAKEST)
         return merged
+
+    def _subtree(self, trace: _Trace, span: SpanData) -> list[tuple[int, int]]:
+        """(depth, span ID) of the spans below the request span `span` that carry metadata and
+        are not inside another request span, strongest first: the nearer, then, within a
+        depth, the later-ended."""
+        top = span.span_id
+        # Depth below `top` of each span walked (None: not below it, or inside another request).
+        depth: dict[int, int | None] = {top: 0}
+        found: list[tuple[int, int, int]] = []  # (depth, -end order, span ID)
+        spans = (*trace.metadata, *(s for s in trace.fallback if s not in trace.metadata))
+        for ended, sid in enumerate(spans):
+            path: list[int] = []
+            node: int | None = sid
+            while node is not None and node not in depth and len(path) < _MAX_DEPTH:
+                if node in trace.requests:  # another request span: its subtree is its own
+                    depth[node] = None
+                    break
+                path.append(node)
+                node = self._parent(trace, node)
+            above = depth.get(node) if node is not None else None
+            for i, walked in enumerate(reversed(path), 1):
+                depth[walked] = None if above is None else above + i
+            d = depth[sid] if sid != top else None
+            if d:
+                found.append((d, -ended, sid))
+        found.sort()
+        return [(d, sid) for d, _, sid in found]
 
 
 def _due(phase: dict[int, _Trace], now: float) -> list[tuple[int, _Trace]]:

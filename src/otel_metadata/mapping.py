@@ -11,7 +11,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from .conventions import BUILT_IN, EXTRA_RANK, Convention
+from .conventions import ALL, EXTRA_RANK, Convention
 from .stats import Stats
 
 REQUEST_ID_ATTRIBUTE = "promptlayer.request_id"
@@ -23,7 +23,8 @@ MAX_LEARNT_NAMES = 4096
 RequestId = int | str
 
 # One step of mapping a layer, applied weakest first so a stronger source overwrites:
-# ("name", attribute, key) | ("prefix", prefix, "") | ("json", attribute, "").
+# ("name", attribute, key) | ("prefix", prefix, "") | ("json", attribute, "")
+# | ("jsonprefix", prefix, "").
 _Step = tuple[str, str, str]
 
 
@@ -34,29 +35,68 @@ class MappingRules:
     request_id_attributes: tuple[str, ...] = (REQUEST_ID_ATTRIBUTE,)
     extra_attributes: Mapping[str, str] = field(default_factory=dict)
     max_value_length: int = 1024
-    conventions: tuple[Convention, ...] = BUILT_IN
+    conventions: tuple[Convention, ...] = ALL
     # Exact attribute names that matter; a span with none of them and no prefixed key is skipped.
     relevant: frozenset[str] = field(init=False)
     prefixes: tuple[str, ...] = field(init=False)
     steps: tuple[_Step, ...] = field(init=False)
+    # Cross-layer steps (`Convention.weakest`): a key only when no layer gives it otherwise.
+    weakest_steps: tuple[_Step, ...] = field(init=False)
+    # Baggage: the attribute steps plus the baggage-only ones, and what makes baggage relevant.
+    baggage_steps: tuple[_Step, ...] = field(init=False)
+    baggage_relevant: frozenset[str] = field(init=False)
+    baggage_prefixes: tuple[str, ...] = field(init=False)
+    # Other tools' values in the OpenTelemetry context: (context key, attribute) pairs, and
+    # the keys alone for the test a span's start makes.
+    context: tuple[tuple[str, str], ...] = field(init=False)
+    context_keys: frozenset[str] = field(init=False)
     # Names seen on spans that carried nothing for us (learnt by `is_relevant`, up to a bound).
     irrelevant: set[str] = field(init=False, default_factory=set, compare=False)
 
     def __post_init__(self) -> None:
         extra = Convention("extra_attributes", EXTRA_RANK,
                            names=tuple(self.extra_attributes.items()))
-        ranked: list[tuple[int, _Step]] = []
+        ranked: dict[str, list[tuple[int, _Step]]] = {"span": [], "baggage": [], "weakest": []}
         for c in (*self.conventions, extra):
-            ranked += [(c.rank, ("name", a, k)) for a, k in c.names]
-            ranked += [(c.rank, ("prefix", p, "")) for p in c.prefixes]
-            ranked += [(c.rank, ("json", a, "")) for a in c.json_objects]
-        ranked.sort(key=lambda r: r[0])  # stable: within a rank, as declared
-        steps = tuple(step for _, step in ranked)
-        names = {a for kind, a, _ in steps if kind != "prefix"}
+            scope = ranked["weakest" if c.weakest else "baggage" if c.baggage else "span"]
+            scope += [(c.rank, ("name", a, k)) for a, k in c.names]
+            scope += [(c.rank, ("prefix", p, "")) for p in c.prefixes]
+            scope += [(c.rank, ("json", a, "")) for a in c.json_objects]
+            scope += [(c.rank, ("jsonprefix", p, "")) for p in c.json_prefixes]
+        steps, weakest = _ordered(ranked["span"]), _ordered(ranked["weakest"])
+        baggage = _ordered(ranked["span"] + ranked["baggage"])
+        names = {a for kind, a, _ in steps + weakest if not kind.endswith("prefix")}
         names.update(self.request_id_attributes)
-        object.__setattr__(self, "steps", steps)
-        object.__setattr__(self, "prefixes", tuple(a for kind, a, _ in steps if kind == "prefix"))
-        object.__setattr__(self, "relevant", frozenset(names))
+        context = tuple(pair for c in self.conventions for pair in c.context)
+        for name, value in (
+            ("steps", steps), ("weakest_steps", weakest), ("baggage_steps", baggage),
+            ("prefixes", _prefixes(steps)), ("relevant", frozenset(names)),
+            ("baggage_prefixes", _prefixes(baggage)),
+            ("baggage_relevant", frozenset(a for kind, a, _ in baggage
+                                           if not kind.endswith("prefix"))),
+            ("context", context), ("context_keys", frozenset(key for key, _ in context)),
+        ):
+            object.__setattr__(self, name, value)
+
+    def is_relevant_baggage(self, baggage: Mapping[str, Any]) -> bool:
+        """Whether baggage entries could yield metadata (no learning: callers cache the answer
+        per baggage object, which the context passes on unchanged)."""
+        if not self.baggage_relevant.isdisjoint(baggage):
+            return True
+        joined = "\0".join(baggage)
+        return any(prefix in joined for prefix in self.baggage_prefixes)
+
+    def context_attributes(self, values: Mapping[str, Any]) -> dict[str, Any]:
+        """Other tools' context values (captured by context key) as the attributes they stand
+        for, to be mapped like a span's: a mapping's entries under the attribute prefix."""
+        out: dict[str, Any] = {}
+        for key, attribute in self.context:
+            value = values.get(key)
+            if isinstance(value, Mapping):
+                out.update((attribute + str(k), v) for k, v in value.items())
+            elif value is not None:
+                out[attribute] = value
+        return out
 
     def is_relevant(self, attributes: Mapping[str, Any]) -> bool:
         """Cheap test whether `attributes` could yield metadata or a request ID.
@@ -93,6 +133,15 @@ class MappingRules:
             if prefix in joined:
                 out.update((k, v) for k, v in attributes.items() if k.startswith(prefix))
         return out
+
+
+def _ordered(ranked: list[tuple[int, _Step]]) -> tuple[_Step, ...]:
+    """Steps weakest first; within a rank, as declared (the sort is stable)."""
+    return tuple(step for _, step in sorted(ranked, key=lambda r: r[0]))
+
+
+def _prefixes(steps: tuple[_Step, ...]) -> tuple[str, ...]:
+    return tuple(a for kind, a, _ in steps if kind.endswith("prefix"))
 
 
 def stringify(value: object) -> str | None:
@@ -138,43 +187,84 @@ def map_attributes(
 ) -> dict[str, str]:
     """One layer's attributes → metadata, by the rules' steps (weakest first, so within a layer
     the stronger convention's value stands: SPEC §4)."""
+    return _map(attributes, rules.steps, rules, stats)
+
+
+def map_weakest(
+    attributes: Mapping[str, Any], rules: MappingRules, stats: Stats
+) -> dict[str, str]:
+    """The cross-layer keys of a span's attributes (`Convention.weakest`, the LLM request's own
+    end-user field): the join uses them only when no layer gives the key otherwise."""
+    return _map(attributes, rules.weakest_steps, rules, stats) if rules.weakest_steps else {}
+
+
+def _map(attributes: Mapping[str, Any], steps: tuple[_Step, ...], rules: MappingRules,
+         stats: Stats) -> dict[str, str]:
     out: dict[str, str] = {}
     if not attributes:
         return out
     joined: str | None = None
-    for kind, name, key in rules.steps:
+    for kind, name, key in steps:
         if kind == "name":
             if name in attributes:
                 _put(out, key, attributes[name], rules, stats)
-        elif kind == "prefix":
+        elif kind == "json":
+            if name in attributes:
+                _put_json(out, name, attributes[name], rules, stats)
+        else:  # a prefix: "prefix", or "jsonprefix" whose values may be JSON-encoded strings
             if joined is None:
                 joined = "\0".join(attributes)
             if name in joined:
+                decode = kind == "jsonprefix"
                 for attr, value in attributes.items():
                     if attr.startswith(name):
-                        _put(out, attr[len(name):], value, rules, stats)
-        elif name in attributes:
-            _put_json(out, name, attributes[name], rules, stats)
+                        _put(out, attr[len(name):], _json_string(value) if decode else value,
+                             rules, stats)
     return out
+
+
+def _json_string(value: object) -> object:
+    """A value JSON-encoded as a string (Langfuse writes ``'"pro"'`` for ``"pro"``) decoded;
+    others as they are (a JSON number, boolean or array already reads as its own text)."""
+    if isinstance(value, str) and len(value) >= 2 and value[0] == value[-1] == '"':
+        try:
+            decoded = json.loads(value)
+        except (ValueError, RecursionError):
+            return value
+        if isinstance(decoded, str):
+            return decoded
+    return value
 
 
 def _put_json(out: dict[str, str], attr: str, value: object, rules: MappingRules,
               stats: Stats) -> None:
-    """An attribute holding a JSON object of metadata: each member a key. Anything else (not
-    JSON, not an object) is kept as the attribute's own value, stringified, and counted."""
+    """An attribute holding a JSON object of metadata: each member a key (SPEC §4).
+
+    Anything else (not a string, not JSON, not an object) is kept as the attribute's own value,
+    stringified by SPEC §5 and counted (``json_not_object``). A member no attribute could hold
+    (an object, or an array holding arrays or objects) is its JSON text, counted
+    (``json_nested_values``); a null member is no value. Never raises.
+    """
     try:
         decoded = json.loads(value) if isinstance(value, str) else None
-    except ValueError:
+    except (ValueError, RecursionError):  # a deeply nested document exhausts the parser
         decoded = None
     if not isinstance(decoded, dict):
         stats.add("json_not_object")
         _put(out, attr, value, rules, stats)
         return
     for key, member in decoded.items():
-        if isinstance(member, (dict, list)):
-            member = json.dumps(member, ensure_ascii=False)
-        if member is not None:
-            _put(out, key, member, rules, stats)
+        if member is None:
+            continue
+        if isinstance(member, dict) or (
+                isinstance(member, list) and any(isinstance(m, (dict, list)) for m in member)):
+            stats.add("json_nested_values")
+            try:
+                member = json.dumps(member, ensure_ascii=False)
+            except (ValueError, RecursionError):
+                stats.add("dropped_values")
+                continue
+        _put(out, key, member, rules, stats)
 
 
 def map_baggage(
@@ -188,7 +278,7 @@ def map_baggage(
     """
     values = {k: v.split(";", 1)[0].strip() if isinstance(v, str) else v
               for k, v in baggage.items()}
-    return map_attributes(values, rules, stats)
+    return _map(values, rules.baggage_steps, rules, stats)
 
 
 def map_values(values: Mapping[str, object], rules: MappingRules, stats: Stats) -> dict[str, str]:

@@ -16,6 +16,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from .config import Settings
+from .conventions import chosen
 from .delivery import Delivery
 from .forking import ForkGuard
 from .intake import Intake, Started
@@ -42,7 +43,7 @@ class Pipeline:
         self.settings = s = settings
         self.counters = Stats()
         self.rules = MappingRules(s.request_id_attributes, s.extra_attributes,
-                                  s.max_value_length)
+                                  s.max_value_length, chosen(s.conventions))
         self._retry = retry
         self._is_shutdown = False
         self._flushed_losses = 0  # `stats.losses` when the previous flush returned

@@ -36,10 +36,10 @@ class MetadataSpanProcessor(SpanProcessor):
     """Reads finished spans and sends PromptLayer metadata for each request span.
 
     Add it to the provider beside your exporters; it exports nothing else. `on_start` notes the
-    `metadata_context`/baggage values a span started under; `on_end` hands the span to the
-    pipeline's intake, which tells in a set test whether it matters (most carry nothing for us)
-    and leaves the rest to a worker thread: neither hook raises or touches the network. Spans
-    recorded but not sampled are processed too.
+    `metadata_context`/other tools'/baggage values a span started under; `on_end` hands the
+    span to the pipeline's intake, which tells in a set test whether it matters (most carry
+    nothing for us) and leaves the rest to a worker thread: neither hook raises or touches the
+    network. Spans recorded but not sampled are processed too.
 
     Beware: nothing happens without an API key (argument or ``PROMPTLAYER_API_KEY``); the
     processor then logs one warning and stays inert.
@@ -50,6 +50,9 @@ class MetadataSpanProcessor(SpanProcessor):
         metadata: static metadata for every request, the weakest layer.
         extra_attributes: more span attributes to send, attribute name -> metadata key.
         request_id_attributes: attributes that hold a request ID (``promptlayer.request_id``).
+        conventions: other tools' metadata conventions read, a comma list or list of
+            ``openinference``, ``traceloop``, ``langfuse``, ``genai``, or ``none``
+            (``PROMPTLAYER_METADATA_CONVENTIONS``; default all).
         max_value_length: longer values are truncated (``PROMPTLAYER_METADATA_MAX_VALUE_LENGTH``).
         max_concurrency: POSTs in flight (``PROMPTLAYER_METADATA_MAX_CONCURRENCY``).
         schedule_delay_millis: how long a record waits for others (``OTEL_BSP_SCHEDULE_DELAY``).
@@ -76,6 +79,7 @@ class MetadataSpanProcessor(SpanProcessor):
         metadata: Mapping[str, Any] | None = None,
         extra_attributes: Mapping[str, str] | None = None,
         request_id_attributes: Sequence[str] | None = None,
+        conventions: str | Sequence[str] | None = None,
         max_value_length: int | None = None,
         max_concurrency: int | None = None,
         schedule_delay_millis: float | None = None,
@@ -93,9 +97,11 @@ class MetadataSpanProcessor(SpanProcessor):
         self._settings = s = config.resolve(**options)
         self._pipeline: Pipeline | None = None
         self._ended: Callable[..., bool] | None = None  # the intake's `ended`; None: inert
-        self._started: dict[int, tuple[Any, Any]] = {}
+        self._started: dict[int, tuple[Any, ...]] = {}
         self._baggage: tuple[object, bool] = (None, False)  # (last baggage seen, relevant?)
+        self._tool_keys: frozenset[str] = frozenset()  # other tools' context keys (conventions)
         self._fast = _private_fields_readable()
+        self._unhook: Callable[[], None] | None = None  # removes our SIGTERM handler
         if s.disabled:
             _logger.info("otel-metadata: OTEL_SDK_DISABLED=true; metadata processor inert")
             return
@@ -113,8 +119,9 @@ class MetadataSpanProcessor(SpanProcessor):
                             exc_info=True)
             return
         self._ended = self._pipeline.intake.ended
+        self._tool_keys = self._pipeline.rules.context_keys
         if s.handle_sigterm:
-            flush_on_sigterm(self._flush_on_sigterm, s.shutdown_timeout_s)
+            self._unhook = flush_on_sigterm(self._flush_on_sigterm, s.shutdown_timeout_s)
 
     def _flush_on_sigterm(self, timeout_s: float) -> None:
         """The process may end right after this (the signal's default action): say what it
@@ -142,11 +149,15 @@ class MetadataSpanProcessor(SpanProcessor):
             if bag:
                 seen, relevant = self._baggage  # one tuple: two threads cannot mix its halves
                 if bag is not seen:
-                    relevant = self._pipeline.rules.is_relevant(bag)  # type: ignore[union-attr,arg-type]
+                    relevant = self._pipeline.rules.is_relevant_baggage(bag)  # type: ignore[union-attr,arg-type]
                     self._baggage = (bag, relevant)
-            if values or (bag and relevant):
+            # Other tools' context values: one set test in C over the context's few keys, and
+            # read only when one is there.
+            keys = self._tool_keys
+            tools = None if keys.isdisjoint(ctx) else {k: ctx[k] for k in keys.intersection(ctx)}
+            if values or tools or (bag and relevant):
                 started = self._started
-                started[span.context.span_id] = (values, bag)
+                started[span.context.span_id] = (values, bag, tools)
                 if len(started) > _MAX_STARTED:
                     started.pop(next(iter(started)), None)
         except Exception:
@@ -197,6 +208,9 @@ class MetadataSpanProcessor(SpanProcessor):
         """Flush and stop the threads, within ``shutdown_timeout``; safe to call twice."""
         if self._pipeline is not None:
             self._pipeline.shutdown()
+            if self._unhook is not None:
+                self._unhook()
+                self._unhook = None
 
     def stats(self) -> dict[str, int]:
         """Counts of what happened: queued, delivered, retried, dropped.<reason>, ...; and what

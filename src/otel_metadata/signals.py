@@ -28,12 +28,14 @@ _logger = logging.getLogger("otel_metadata")
 Handler = Callable[[int, FrameType | None], Any] | int | None
 
 
-def flush_on_sigterm(flush: Callable[[float], object], timeout_s: float) -> bool:
-    """Install the handler for `flush` (a bound method, held weakly). False where a handler
-    cannot be installed: not on the main thread, or no SIGTERM on this platform."""
+def flush_on_sigterm(flush: Callable[[float], object],
+                     timeout_s: float) -> Callable[[], None] | None:
+    """Install the handler for `flush` (a bound method, held weakly); returns what removes it
+    again (at shutdown), or None where none can be installed: not on the main thread, or no
+    SIGTERM on this platform."""
     sigterm = getattr(signal, "SIGTERM", None)
     if sigterm is None or threading.current_thread() is not threading.main_thread():
-        return False
+        return None
     ref = weakref.WeakMethod(flush)
     previous: Handler = signal.getsignal(sigterm)
 
@@ -50,8 +52,17 @@ def flush_on_sigterm(flush: Callable[[float], object], timeout_s: float) -> bool
     try:
         signal.signal(sigterm, on_sigterm)
     except (ValueError, OSError):  # an embedded interpreter that owns its signals
-        return False
-    return True
+        return None
+
+    def uninstall() -> None:
+        """Put the previous handler back, unless another was installed over ours since."""
+        try:
+            if signal.getsignal(sigterm) is on_sigterm:
+                signal.signal(sigterm, previous)
+        except (ValueError, OSError):  # not on the main thread: leave it (it only chains)
+            pass
+
+    return uninstall
 
 
 def _flush_quietly(flush: Callable[[float], object], timeout_s: float) -> None:
