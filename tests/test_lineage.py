@@ -17,6 +17,8 @@ from opentelemetry.propagators.composite import CompositePropagator
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
 from otel_metadata import metadata_context, set_request_id
+from otel_metadata.lineage import SpanData, TraceJoin
+from otel_metadata.stats import Stats
 
 PROPAGATOR = CompositePropagator([TraceContextTextMapPropagator(), W3CBaggagePropagator()])
 
@@ -468,3 +470,16 @@ def test_a_request_that_is_its_own_local_root_gets_children_that_ended_first(
             llm.set_attribute("enduser.id", "batch-user")
     assert p.flush()
     assert server.metadata == {1: {"user_id": "batch-user"}}
+
+
+def test_a_chain_completed_after_its_root_ended_posts_at_once() -> None:
+    """Fleet mode: the front service's root can arrive before the spans between it and a
+    request; the request goes out when the chain is complete, not at the end of the wait."""
+    posted: list[tuple[object, dict[str, str]]] = []
+    join = TraceJoin(lambda rid, md: posted.append((rid, md)) is None, static={},
+                     max_traces=10, max_wait_s=600, stats=Stats())
+    join.add(SpanData(1, 10, None, True, {"user_id": "a"}))  # service A's root, first
+    join.add(SpanData(1, 30, 20, False, {}, request_ids=(7,)))  # the request, under span 20
+    assert posted == []  # span 20 is not known yet: neither is the root above the request
+    join.add(SpanData(1, 20, 10, False, {"tier": "b"}))  # service B's server span arrives
+    assert posted == [(7, {"user_id": "a", "tier": "b"})]

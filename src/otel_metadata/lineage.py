@@ -287,6 +287,11 @@ class TraceJoin:
                 self._move(tid, trace, self._waiting, self._clock() + self._wait)
         elif trace.sent and (span.metadata or span.fallback):
             self._post_late_descendant(trace, span.span_id)
+        if (not span.request_ids and not span.local_root and trace.roots
+                and trace.phase is self._waiting):
+            # Spans from several services arrive in any order (serve): this one may complete
+            # the chain from a waiting request to a root that ended first.
+            self._settle(tid, trace)
 
     def _post_late_descendant(self, trace: _Trace, span_id: int) -> None:
         """A span that carries metadata ended after the request it is inside was posted: that
