@@ -125,3 +125,27 @@ def test_without_key_the_processor_is_inert(caplog) -> None:
     assert "no PromptLayer API key" in caplog.text
     assert processor.force_flush() is True
     processor.shutdown()
+
+
+@pytest.mark.parametrize("how", ["argument", "environment"])
+def test_a_request_without_a_required_key_is_posted_counted_and_said_once_per_key(
+    server, make_pipeline, caplog, monkeypatch, how: str,
+) -> None:
+    if how == "environment":
+        monkeypatch.setenv("PROMPTLAYER_METADATA_REQUIRED_KEYS", "user_id, tenant")
+        p = make_pipeline()
+    else:
+        p = make_pipeline(required_keys=["user_id", "tenant"])
+    for rid in (1, 2, 3):
+        with p.tracer.start_as_current_span("llm") as span:
+            if rid == 3:
+                span.set_attribute("promptlayer.metadata.tenant", "acme")
+            span.set_attribute("user.id", "u")
+            set_request_id(rid)
+    assert p.flush()  # nothing lost: posted all the same
+    assert server.metadata == {1: {"user_id": "u"}, 2: {"user_id": "u"},
+                               3: {"user_id": "u", "tenant": "acme"}}
+    stats = p.processor.stats()
+    assert (stats.get("missing.tenant"), stats.get("missing.user_id")) == (2, None)
+    said = [r.getMessage() for r in caplog.records if "required metadata key" in r.getMessage()]
+    assert len(said) == 1 and "'tenant'" in said[0]

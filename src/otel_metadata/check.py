@@ -128,7 +128,7 @@ def describe(settings: config.Settings) -> str:
     rows = [("api_key", key)]
     for name, o in config.OPTIONS.items():
         value = source = getattr(s, name)
-        if name == "conventions":  # the one list a variable sets
+        if name in ("conventions", "required_keys"):  # the lists a variable sets
             value = ",".join(value) or "none"
         if name == "api_key" or not isinstance(value, (bool, int, float, str)):
             continue

@@ -114,6 +114,15 @@ def _names(raw: object, o: Option) -> tuple[str, ...]:
     return good
 
 
+def _keys(raw: object, o: Option) -> tuple[str, ...]:
+    """A comma list (or a list) of metadata keys; empty for none."""
+    items = raw.split(",") if isinstance(raw, str) else raw if isinstance(raw, (list, tuple)) \
+        else None
+    if items is None or not all(isinstance(i, str) for i in items):
+        raise ValueError("expected a comma list of metadata keys")
+    return tuple(dict.fromkeys(i.strip() for i in items if i.strip()))
+
+
 def _str_map(raw: object, o: Option) -> dict[str, str]:
     if not isinstance(raw, Mapping):
         raise ValueError("expected a mapping of attribute name to metadata key")
@@ -200,6 +209,9 @@ class Settings:
     conventions: tuple[str, ...] = setting(
         "conventions", "PROMPTLAYER_METADATA_CONVENTIONS", TOOL_NAMES, _conventions,
         help="other tools' metadata conventions read, below the PromptLayer and standard names")
+    required_keys: tuple[str, ...] = setting(
+        "required_keys", "PROMPTLAYER_METADATA_REQUIRED_KEYS", (), _keys,
+        help="a request posted without one is counted (missing.<key>) and warned about once")
     extra_attributes: Mapping[str, str] = setting("extra_attributes", None, {}, _str_map)
     metadata: Mapping[str, Any] = setting("metadata", None, {}, _mapping)
     # Where the key came from, for messages (never the key itself); derived, not an option.

@@ -100,9 +100,11 @@ class TraceJoin:
         max_traces: int,
         max_wait_s: float,
         stats: Stats,
+        required: tuple[str, ...] = (),
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self._emit = emit
+        self._required = required
         self._static = dict(static)
         self._max_traces = max_traces
         self._wait = max_wait_s
@@ -425,6 +427,8 @@ class TraceJoin:
     def _post_one(self, trace: _Trace, request_id: RequestId,
                   merged: dict[str, tuple[str, int]]) -> None:
         sent = trace.sent.setdefault(request_id, {})
+        if not sent and self._required:
+            self._check_required(merged)
         self._sent_in[request_id] = trace
         out: dict[str, str] = {}
         for key, (value, strength) in merged.items():
@@ -440,6 +444,15 @@ class TraceJoin:
             if not self._emit(request_id, out):
                 for key in out:  # refused: unsent, so a later post carries these keys again
                     del sent[key]
+
+    def _check_required(self, merged: Mapping[str, object]) -> None:
+        """A request's first post lacks a required key: still posted, counted, said once."""
+        for key in self._required:
+            if key not in merged:
+                self._stats.add(f"missing.{key}")
+                self._stats.warn_once("missing", key, "otel-metadata: a request was posted "
+                                      "without the required metadata key %r (counted as "
+                                      "missing.%s; said once per key)", key, key)
 
     def _merge(self, trace: _Trace, span: SpanData) -> dict[str, tuple[str, int]]:
         """The request's metadata, each key with the strength of the layer that gave it."""

@@ -50,7 +50,8 @@ class Pipeline:
         self.delivery = Delivery(self._store(), self._transport(), s, self.counters, retry)
         self.join = TraceJoin(self.delivery.submit, static=map_values(s.metadata, self.rules,
                               self.counters), max_traces=s.max_traces,
-                              max_wait_s=s.max_trace_wait_s, stats=self.counters)
+                              max_wait_s=s.max_trace_wait_s, stats=self.counters,
+                              required=s.required_keys)
         self.delivery.on_drop = self.join.unsend
         self.intake = Intake(self.join, self.rules, self.counters, max_wait_s=s.max_trace_wait_s)
         self._fork_guard = ForkGuard(self._after_fork)

@@ -64,6 +64,8 @@ class MetadataSpanProcessor(SpanProcessor):
             (``PROMPTLAYER_METADATA_MAX_TRACE_WAIT``).
         max_traces: traces held at once (``PROMPTLAYER_METADATA_MAX_TRACES``).
         request_timeout_s: one POST's timeout.
+        required_keys: metadata keys every request should have; one missing is counted
+            (``missing.<key>``) and warned about once (``PROMPTLAYER_METADATA_REQUIRED_KEYS``).
         shutdown_timeout_millis: shutdown never holds the process's exit longer
             (``PROMPTLAYER_METADATA_SHUTDOWN_TIMEOUT``, 5000).
         handle_sigterm: flush on SIGTERM, then hand the signal on
@@ -89,6 +91,7 @@ class MetadataSpanProcessor(SpanProcessor):
         max_trace_wait_millis: float | None = None,
         max_traces: int | None = None,
         request_timeout_s: float | None = None,
+        required_keys: str | Sequence[str] | None = None,
         shutdown_timeout_millis: float | None = None,
         handle_sigterm: bool | None = None,
         retry: RetryPolicy | None = None,
