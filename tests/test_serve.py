@@ -523,6 +523,31 @@ def test_backpressure_the_real_exporter_retries(receive: Callable[..., Receiving
     assert server.metadata[551] == {"user_id": "flo"}
 
 
+def test_a_full_record_queue_is_backpressure_not_loss(
+        receive: Callable[..., Receiving], server: TrackMetadataServer) -> None:
+    """While PromptLayer holds every POST, the record queue fills up: further requests are
+    refused as busy instead of accepted and then dropped as dropped.queue_full."""
+    server.gate = threading.Event()  # the API answers nothing until the gate opens
+    r = receive(max_queue_size=2, max_export_batch_size=1, max_concurrency=1)
+
+    def post(*request_ids: int) -> requests.Response:
+        spans = [s for rid in request_ids for s in request_trace(rid, f"u{rid}")]
+        return requests.post(r.traces_url, data=protobuf_body(spans), headers=PROTOBUF,
+                             timeout=10)
+
+    assert post(700).status_code == 200
+    assert server.waiting.acquire(timeout=10)  # the only sender is stuck on request 700
+    assert post(701, 702).status_code == 200  # two records wait: the queue is full
+    wait_for(lambda: r.serve.pipeline.stats()["queued"] == 3, what="the queue to fill")
+    refused = post(800)
+    assert refused.status_code == 503 and refused.headers["Retry-After"]
+    server.gate.set()
+    wait_for(lambda: len(server.metadata) == 3, what="the first requests")
+    assert post(800).status_code == 200  # the sender's retry, once there is room
+    wait_for(lambda: 800 in server.metadata, what="the retried request")
+    assert r.serve.pipeline.stats()["dropped.queue_full"] == 0
+
+
 def test_backpressure_answers_say_when_to_retry(receive: Callable[..., Receiving]) -> None:
     r = receive(gated=True)
     pipeline = r.serve.pipeline

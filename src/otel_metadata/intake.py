@@ -81,6 +81,7 @@ class Intake:
         self._is_shutdown = False
         # Called before each hand-off where the platform has no after-fork hook (forking.py).
         self.fork_check: Callable[[], None] | None = None
+        self.store_full: Callable[[], bool] | None = None  # set by the pipeline
         self._fresh_state()
 
     def _fresh_state(self) -> None:
@@ -136,8 +137,12 @@ class Intake:
                              ended_ns is not None), True)
 
     def room(self) -> int:
-        """How many more spans the hand-off takes now."""
-        return 0 if self._is_shutdown else max(0, MAX_BACKLOG - len(self._inbox))
+        """How many more spans the pipeline takes now: the hand-off's room, and none while the
+        record store behind the join is full (a receiver answers with backpressure then,
+        rather than accept spans whose records would be dropped)."""
+        if self._is_shutdown or (self.store_full is not None and self.store_full()):
+            return 0
+        return max(0, MAX_BACKLOG - len(self._inbox))
 
     def __len__(self) -> int:
         return len(self._inbox)

@@ -54,6 +54,7 @@ class Pipeline:
                               required=s.required_keys)
         self.delivery.on_drop = self.join.unsend
         self.intake = Intake(self.join, self.rules, self.counters, max_wait_s=s.max_trace_wait_s)
+        self.intake.store_full = lambda: len(self.delivery) >= s.max_queue_size
         self._fork_guard = ForkGuard(self._after_fork)
         if self._fork_guard.polling:
             self.intake.fork_check = self._fork_guard.check
