@@ -92,7 +92,7 @@ class AdaptiveConcurrency:
             self.in_flight -= 1
             if status in _BACK_PRESSURE:
                 if now >= self._calm_until:
-                    self._decrease(now)
+                    self._decrease(now, now - started)
             else:
                 self._window_sum += now - started
                 self._window_n += 1
@@ -110,16 +110,16 @@ class AdaptiveConcurrency:
         mean = self._window_sum / self._window_n
         usual = self._usual_rtt
         if usual is not None and mean > usual * self.rtt_tolerance and now >= self._calm_until:
-            self._decrease(now)
+            self._decrease(now, mean)
         elif self._reached and self.limit < self.maximum:
             self.limit += 1
             self._cond.notify()
         self._usual_rtt = mean if usual is None else usual + self.rtt_smoothing * (mean - usual)
         self._new_window(now)
 
-    def _decrease(self, now: float) -> None:
+    def _decrease(self, now: float, rtt: float) -> None:
         self.limit = max(1, self.limit // 2)
-        self._calm_until = now + (self._usual_rtt or 0.0)
+        self._calm_until = now + (self._usual_rtt or rtt)  # before any good answer: this one's
         self._new_window(now)
 
     def _new_window(self, now: float) -> None:
