@@ -60,9 +60,10 @@ class AdaptiveConcurrency:
     """
 
     rtt_tolerance = 2.0
-    # ... and by at least this much: our own threads add a few GIL switch intervals (5 ms each)
-    # to a round trip now and then, which says nothing about the API (a local one answers in 1).
-    rtt_margin_s = 0.025
+    # ... and by at least one GIL switch interval: a local API's 0.3 ms doubles whenever a
+    # sender waits for the GIL, which says nothing about the API (25 ms: 2 halvings in 10 s at
+    # 200 records/s to a local server, 2 ms: 35, none: 91; the CPU a POST costs moves with it).
+    rtt_margin_s = 0.005
     rtt_smoothing = 0.1  # weight of the latest window in the usual round trip
 
     def __init__(self, maximum: int, clock: Callable[[], float] = time.monotonic) -> None:
