@@ -70,7 +70,6 @@ CPU_TARGET_US = 250.0
 RATIO_TARGET = 1.15
 RTT_S = 0.050
 VARIANTS = ("bare", "ours", "vendor", "otlp")
-_CLK_TCK = os.sysconf("SC_CLK_TCK")
 
 
 # -- the app --
@@ -117,15 +116,15 @@ def lineage_ok(metadata: dict[str, str], rid: int, request_every: int) -> bool:
 
 
 def thread_cpu() -> dict[str, float]:
-    """CPU seconds of each live thread of this process, by thread name (summed per name)."""
+    """CPU seconds of each live thread of this process, by thread name (summed per name), from
+    the scheduler's own nanosecond count (``/proc/self/task/*/schedstat``)."""
     names = {t.native_id: t.name for t in threading.enumerate()}
     out: dict[str, float] = {}
     for tid in os.listdir("/proc/self/task"):
         try:
-            fields = Path(f"/proc/self/task/{tid}/stat").read_text().rsplit(")", 1)[1].split()
+            seconds = int(Path(f"/proc/self/task/{tid}/schedstat").read_text().split()[0]) / 1e9
         except OSError:
             continue
-        seconds = (int(fields[11]) + int(fields[12])) / _CLK_TCK
         name = names.get(int(tid), "other")
         if name.startswith("otel-metadata-sender"):
             name = "otel-metadata-sender*"
@@ -171,6 +170,7 @@ def cpu_worker(variant: str, base_url: str, sink_url: str, ids: int, warmup: int
     app_s = time.thread_time() - app_t0
     cpu_s = time.process_time() - t0
     threads = {k: v - threads_before.get(k, 0.0) for k, v in thread_cpu().items()}
+    threads["threads that ended"] = cpu_s - sum(threads.values())
     result: dict[str, Any] = {"cpu_s": cpu_s, "app_s": app_s, "threads_s": threads}
     if ours is not None:
         result["stats"] = ours.stats()

@@ -8,8 +8,8 @@ How many POSTs are in flight follows the load and the API's answers (`AdaptiveCo
 never more than the records due, nor than a limit that halves when the API pushes back (429,
 503, a timeout, rising latency) and grows by one per round trip while it does not, up to
 `max_concurrency`. urllib3 blocks a thread per POST, so the sender threads grow with the work
-(one more whenever every sender is busy, up to the limit) and end when they are twice the
-limit; idle senders sleep on a lock of their own and cost nothing (64 idle: 0.06 ms CPU in 5 s).
+(one more whenever every sender is busy, up to the limit) and end when they are four times
+the limit; idle senders sleep on a lock of their own and cost nothing (64 idle: 0.06 ms CPU in 5 s).
 
 Plain daemon threads, not a `concurrent.futures` pool: a pool refuses work once the interpreter
 is shutting down, which is exactly when the provider's exit hook flushes, and Python 3.12+
@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import math
 import threading
 import time
 import traceback
@@ -57,6 +58,14 @@ class AdaptiveConcurrency:
     more than `rtt_tolerance` times the usual one (and `rtt_margin_s` more) halves it, at most
     once per round trip (one overload answered by every POST in flight is one signal, not
     many). The usual round trip is a moving average of the windows' means.
+
+    Below the limit, POSTs in flight are also kept to what can help (`useful`): urllib3 holds a
+    thread per POST, and threads only help while they wait on the network, not for the GIL. A
+    POST that costs `cpu` seconds of CPU and waits `min_rtt - cpu` for the answer keeps
+    ``1 + (min_rtt - cpu) / cpu`` of them busy (the round trip's bandwidth-delay product, as BBR
+    reckons it): 2 against a local API that answers in 0.3 ms, where 64 would only contend for
+    the GIL (twice the CPU per record), and above 64 at a 50 ms round trip. The smallest round
+    trip of the last 10-20 s is taken, as our own threads' contention only ever adds to it.
     """
 
     rtt_tolerance = 2.0
@@ -64,7 +73,8 @@ class AdaptiveConcurrency:
     # sender waits for the GIL, which says nothing about the API (25 ms: 2 halvings in 10 s at
     # 200 records/s to a local server, 2 ms: 35, none: 91; the CPU a POST costs moves with it).
     rtt_margin_s = 0.005
-    rtt_smoothing = 0.1  # weight of the latest window in the usual round trip
+    rtt_smoothing = 0.1  # weight of the latest window in the usual round trip (and the CPU's)
+    min_rtt_period_s = 10.0
 
     def __init__(self, maximum: int, clock: Callable[[], float] = time.monotonic) -> None:
         self.maximum = maximum
@@ -78,31 +88,57 @@ class AdaptiveConcurrency:
         self._window_n = 0
         self._reached = False
         self._calm_until = 0.0  # no second decrease before one round trip after the last
+        self.useful = maximum
+        self._cpu: float | None = None  # CPU seconds a POST costs (moving average)
+        self._min_rtt = [float("inf"), float("inf")]  # this period's and the last one's
+        self._period_end = 0.0
+
+    @property
+    def allowed(self) -> int:
+        """POSTs that may be in flight now."""
+        return min(self.limit, self.useful)
 
     def acquire(self) -> float:
         """Wait for room under the limit, take it; returns when (for `release`)."""
         with self._cond:
-            while self.in_flight >= self.limit:
+            while self.in_flight >= min(self.limit, self.useful):
                 self._cond.wait()
             self.in_flight += 1
             if self.in_flight >= self.limit:
                 self._reached = True
         return self._clock()
 
-    def release(self, started: float, status: int | None) -> None:
-        """A POST that `acquire` let through ended with `status` (None: no answer)."""
+    def release(self, started: float, status: int | None, cpu: float = 0.0) -> None:
+        """A POST that `acquire` let through ended with `status` (None: no answer), having
+        cost this thread `cpu` seconds of CPU."""
         now = self._clock()
+        rtt = now - started
         with self._cond:
             self.in_flight -= 1
             if status in _BACK_PRESSURE:
                 if now >= self._calm_until:
-                    self._decrease(now, now - started)
+                    self._decrease(now, rtt)
             else:
-                self._window_sum += now - started
+                self._window_sum += rtt
                 self._window_n += 1
                 if now >= self._window_end:
                     self._end_window(now)
+                if cpu > 0:
+                    self._reckon_useful(now, rtt, cpu)
             self._cond.notify()
+
+    def _reckon_useful(self, now: float, rtt: float, cpu: float) -> None:
+        average = self._cpu = cpu if self._cpu is None else (
+            self._cpu + self.rtt_smoothing * (cpu - self._cpu))
+        if now >= self._period_end:
+            self._min_rtt = [float("inf"), self._min_rtt[0]]
+            self._period_end = now + self.min_rtt_period_s
+        self._min_rtt[0] = min(self._min_rtt[0], rtt)
+        waiting = max(0.0, min(self._min_rtt) - average)
+        useful = min(self.maximum, 1 + math.ceil(waiting / average))
+        if useful > self.useful:
+            self._cond.notify(useful - self.useful)
+        self.useful = useful
 
     def cancel(self) -> None:
         """Give back room taken by `acquire` without a POST."""
@@ -238,7 +274,7 @@ class Delivery:
             with pool:
                 self._idle -= 1
                 # Every sender busy: one more, if the limit allows, for the next record.
-                grow = entry is not None and not self._idle and self._senders < limit.limit
+                grow = entry is not None and not self._idle and self._senders < limit.allowed
                 if grow:
                     self._senders += 1
             if entry is None:
@@ -257,9 +293,9 @@ class Delivery:
                 self.on_drop(entry.request_id, entry.metadata)
             queue.ack(entry, fate == "delivered", functools.partial(self._stats.add, fate))
             with pool:
-                # Well above a lowered limit: end (not just above it, or a limit that moves by
-                # one would start and end threads all the time).
-                if not first and self._senders > 2 * limit.limit:
+                # Far above a lowered limit: end (not just above it: a limit that halves and
+                # grows back would start and end threads all the time, at ~100 µs each).
+                if not first and self._senders > 4 * limit.allowed:
                     self._senders -= 1
                     return
 
@@ -278,8 +314,9 @@ class Delivery:
             if not timeout > 0:  # the wait for room took what was left
                 self.concurrency.cancel()
                 return "dropped.retries_exhausted"
+            cpu = time.thread_time()
             outcome = self._transport.post(entry.request_id, entry.metadata, timeout)
-            self.concurrency.release(started, outcome.status)
+            self.concurrency.release(started, outcome.status, time.thread_time() - cpu)
             tries += 1
             self._stats.add("posts")
             if outcome.ok:
