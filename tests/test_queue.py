@@ -7,7 +7,7 @@ import time
 from typing import Any
 
 import pytest
-from conftest import send
+from conftest import send, wait_for
 
 from otel_metadata.queue import RecordQueue
 from otel_metadata.testing.track_metadata import TrackMetadataServer
@@ -152,3 +152,96 @@ def test_stats_has_every_standard_counter_from_the_start(make_pipeline: Any) -> 
                  "dropped.shutdown", "dropped.backlog", "truncated_values",
                  "ignored_request_ids"):
         assert stats[name] == 0, name
+
+
+class _SenderInsideTheLock:
+    """A sender stuck inside the queue's lock: its `ack` accounting blocks until `release`."""
+
+    def __init__(self, q: RecordQueue) -> None:
+        q.put("held", {"a": "1"})
+        q.flush(deadline=time.monotonic())  # makes it due
+        entry = q.take()
+        assert entry is not None
+        self.inside, self.release = threading.Event(), threading.Event()
+
+        def account() -> None:
+            self.inside.set()
+            self.release.wait(30)
+
+        self.thread = threading.Thread(target=q.ack, args=(entry, True, account))
+        self.thread.start()
+        assert self.inside.wait(10)
+
+    def end(self) -> None:
+        self.release.set()
+        self.thread.join(10)
+
+
+def test_put_never_waits_for_a_lock_a_sender_holds() -> None:
+    q = RecordQueue(100, 100, 60.0)
+    sender = _SenderInsideTheLock(q)
+    try:
+        done = threading.Event()
+        results: list[bool] = []
+
+        def worker() -> None:  # the lineage worker, emitting records
+            results.extend(q.put(rid, {"n": str(rid)}) for rid in range(50))
+            q.put(3, {"m": "later"})  # an update coalesces once folded in
+            q.put_failed()
+            done.set()
+
+        threading.Thread(target=worker, daemon=True).start()
+        assert done.wait(10), "put waited for the lock the sender holds"
+        assert results == [True] * 50
+    finally:
+        sender.end()
+    # What was handed over while the lock was held is in the queue, in order, coalesced.
+    assert q.flush(deadline=time.monotonic()) is False  # nothing sent yet (and one refusal)
+    taken = [q.take() for _ in range(50)]
+    assert [e.request_id for e in taken if e] == list(range(50))
+    assert taken[3] is not None and taken[3].metadata == {"n": "3", "m": "later"}
+
+
+def test_flush_honours_its_deadline_while_a_sender_holds_the_lock() -> None:
+    q = RecordQueue(10, 10, 60.0)
+    sender = _SenderInsideTheLock(q)
+    try:
+        results: list[bool] = []
+        flush = threading.Thread(target=lambda: results.append(
+            q.flush(deadline=time.monotonic() + 0.2)), daemon=True)
+        flush.start()
+        flush.join(10)
+        assert results == [False]  # it returned, told the truth, and did not wait for the lock
+    finally:
+        sender.end()
+    assert q.flush(deadline=time.monotonic() + 10) is True  # the held record was delivered
+
+
+def test_a_waiting_flush_is_woken_once_not_after_every_post(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import otel_metadata.queue as queue_module
+
+    wakes: list[int] = []
+    wake = queue_module._Parked.wake
+
+    def counted(self: Any) -> None:
+        wakes.append(id(self))
+        wake(self)
+
+    monkeypatch.setattr(queue_module._Parked, "wake", counted)
+    q = RecordQueue(100, 100, 60.0)
+    for rid in range(40):
+        q.put(rid, {"a": "1"})
+    results: list[bool] = []
+    flush = threading.Thread(target=lambda: results.append(q.flush(time.monotonic() + 30)))
+    flush.start()
+    assert wait_for(lambda: len(q._flushes) == 1)  # white-box: the flush is waiting
+    me = q._flushes[0].parked
+    for _ in range(40):  # one sender delivers them one by one
+        entry = q.take()
+        assert entry is not None
+        q.ack(entry, delivered=True, account=_nothing)
+    flush.join(10)
+    assert results == [True]
+    assert wakes.count(id(me)) == 1

@@ -58,7 +58,7 @@ def test_a_rejected_key_from_the_environment_logs_once_names_its_source_and_stop
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     monkeypatch.setenv("PROMPTLAYER_API_KEY", WRONG_KEY)
-    p = make_pipeline(api_key=None)
+    p = make_pipeline(api_key=None, max_concurrency=8)
     for rid in range(20):  # many at once, on 8 senders
         send(p, rid, {"a": "b"})
     assert p.flush() is False

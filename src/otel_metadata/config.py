@@ -23,7 +23,7 @@ from .conventions import TOOL_NAMES
 _logger = logging.getLogger("otel_metadata")
 
 DEFAULT_BASE_URL = "https://api.promptlayer.com"
-MAX_CONCURRENCY = 64  # one sender thread each
+MAX_CONCURRENCY = 256  # one sender thread each, started only as the load needs them
 
 _LOOPBACK_HOSTS = frozenset({"localhost", "127.0.0.1", "::1"})
 
@@ -185,8 +185,8 @@ class Settings:
         "export_timeout_millis", "OTEL_BSP_EXPORT_TIMEOUT", 30.0, _real, minimum=1, unit="ms",
         help="how long one record is retried")
     max_concurrency: int = setting(
-        "max_concurrency", "PROMPTLAYER_METADATA_MAX_CONCURRENCY", 8, _integer, minimum=1,
-        maximum=MAX_CONCURRENCY, help="POSTs in flight")
+        "max_concurrency", "PROMPTLAYER_METADATA_MAX_CONCURRENCY", 64, _integer, minimum=1,
+        maximum=MAX_CONCURRENCY, help="most POSTs in flight (adapts below it to the API)")
     max_trace_wait_s: float = setting(
         "max_trace_wait_millis", "PROMPTLAYER_METADATA_MAX_TRACE_WAIT", 5.0, _real, minimum=0,
         unit="ms", help="how long a request waits for its local root to end")

@@ -54,7 +54,8 @@ class MetadataSpanProcessor(SpanProcessor):
             ``openinference``, ``traceloop``, ``langfuse``, ``genai``, or ``none``
             (``PROMPTLAYER_METADATA_CONVENTIONS``; default all).
         max_value_length: longer values are truncated (``PROMPTLAYER_METADATA_MAX_VALUE_LENGTH``).
-        max_concurrency: POSTs in flight (``PROMPTLAYER_METADATA_MAX_CONCURRENCY``).
+        max_concurrency: most POSTs in flight, adapting below it to the load and the API's
+            answers (``PROMPTLAYER_METADATA_MAX_CONCURRENCY``, default 64).
         schedule_delay_millis: how long a record waits for others (``OTEL_BSP_SCHEDULE_DELAY``).
         max_queue_size: request IDs waiting to be posted (``OTEL_BSP_MAX_QUEUE_SIZE``).
         max_export_batch_size: this many waiting records go at once

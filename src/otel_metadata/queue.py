@@ -2,22 +2,28 @@
 
 `RecordStore` is the interface delivery drains (`put`, `take`, `ack`, `flush`, `close`), so the
 durable spool (SPEC §7a) stands behind the same calls; `RecordQueue` is the in-memory one.
-Every `put` gets a sequence number; `flush` makes every record put so
-far due, waits until each is delivered or has failed, and tells which. A failure is told to
-every flush that covers it and was waiting when it was first told; later flushes do not see it
-again, so one old drop does not make every future flush return False.
+Every record gets a sequence number; `flush` makes every record put so far due, waits until
+each is delivered or has failed, and tells which. A failure is told to every flush that covers
+it and was waiting when it was first told; later flushes do not see it again, so one old drop
+does not make every future flush return False.
 
 Two POSTs for one request ID are never in flight at once: the API replaces a key on every POST,
 so an older value arriving last would win.
+
+Beware: `put` runs on the lineage worker, which must never wait for a lock the senders hold
+(a sender that loses the GIL inside it would stall the join). So `put` only appends to a
+hand-off deque; whoever holds the queue's lock next folds the hand-off into the queue, `put`
+itself when the lock is free. Waiting threads (senders, flushes) each park on a lock of their
+own and are woken one at a time, only when there is something for them: never all at once.
 """
 
 from __future__ import annotations
 
 import threading
 import time
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Protocol
 
 from .mapping import RequestId
@@ -39,19 +45,38 @@ class Entry:
     abandoned: bool = False  # still in flight when the queue closed: already counted as failed
 
 
-@dataclass(slots=True)
+class _Parked:
+    """A thread waiting for a wake-up of its own: a lock it holds, released by the waker."""
+
+    __slots__ = ("lock",)
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.lock.acquire()
+
+    def wait(self, timeout: float | None) -> bool:
+        return self.lock.acquire(timeout=-1 if timeout is None else min(timeout, MAX_WAIT_S))
+
+    def wake(self) -> None:
+        self.lock.release()
+
+
+@dataclass(slots=True, eq=False)
 class _Flush:
     """One waiting `flush` call: the sequence number it covers, and whether any of those failed."""
 
     upto: int
     failed: bool = False
+    parked: _Parked = field(default_factory=_Parked)
+    woken: bool = False
 
 
 class RecordStore(Protocol):
     """Where records wait between the lineage join and delivery."""
 
     def put(self, request_id: RequestId, metadata: dict[str, str]) -> bool:
-        """Queue a record (coalescing into a pending one of the same ID); False when refused."""
+        """Queue a record (coalescing into a pending one of the same ID); False when refused.
+        Never waits for a lock that `take`, `ack` or `flush` hold."""
 
     def put_failed(self) -> None:
         """Account for a record refused before it reached the store (the next flush says so)."""
@@ -73,6 +98,10 @@ class RecordStore(Protocol):
         """Records waiting or in flight."""
 
 
+# A record handed to `put` (metadata None: one refused, for the next flush to tell).
+_Handed = tuple[RequestId, "dict[str, str] | None"]
+
+
 class RecordQueue:
     """A bounded map request ID → pending metadata; senders `take` entries when they are due.
 
@@ -91,60 +120,129 @@ class RecordQueue:
         self._max_batch = max_batch
         self._delay = delay_s
         self._clock = clock
-        self._cond = threading.Condition(threading.Lock())
-        # In enqueue order; an OrderedDict finds its oldest entry in O(1) after many removals.
+        # Held for O(1) work per record, never by `put`'s caller waiting on it.
+        self._lock = threading.Lock()
+        self._handed: deque[_Handed] = deque()  # from `put`, not folded in yet
+        # In enqueue order (so in `first_seq` order); an OrderedDict finds its oldest entry in
+        # O(1) after many removals.
         self._pending: OrderedDict[RequestId, Entry] = OrderedDict()
         self._inflight: dict[RequestId, Entry] = {}
-        self._seq = 0
+        self._seq = 0  # of the last record folded in
         self._flush_to = 0
         # Sequence numbers of records that failed and no flush was told of yet. With no flush
         # waiting, only the smallest matters (every later flush covers them all), so this stays
         # small even when every record fails for hours (a rejected key) and nobody flushes.
         self._failed: list[int] = []
         self._flushes: list[_Flush] = []
+        self._idle: deque[_Parked] = deque()  # senders parked in `take`
+        self._timer = False  # one parked sender waits for the next entry's delay (no others)
         self._closed = False
 
+    # -- the producer's side: never waits --
+
     def put(self, request_id: RequestId, metadata: dict[str, str]) -> bool:
-        """Queue (or merge into the pending entry, later value winning); False when full."""
-        with self._cond:
-            self._seq += 1
-            entry = self._pending.get(request_id)
-            if entry is not None:
-                entry.metadata.update(metadata)
-                entry.updates += 1
-                return True
-            if self._closed or len(self._pending) >= self._max_size:
-                self._fail(self._seq)
-                self._cond.notify_all()
-                return False
-            self._pending[request_id] = Entry(request_id, dict(metadata), self._seq, self._clock())
-            if len(self._pending) >= self._max_batch or len(self._pending) == 1:
-                self._cond.notify_all()  # flushers wait on it too: a lone notify could miss
-            return True
+        """Queue (or merge into the pending entry, later value winning); False when full.
+
+        The bound is checked without the lock: against pending entries plus records handed over
+        but not folded in yet (those may be updates of one ID, so it errs on refusing early).
+        """
+        if self._closed or (len(self._pending) + len(self._handed) >= self._max_size
+                            and request_id not in self._pending):
+            self.put_failed()
+            return False
+        self._hand((request_id, metadata))
+        # A sender must look if none is timing the next entry's delay, or once a batch is full.
+        if self._idle and (not self._timer or
+                           len(self._pending) + len(self._handed) >= self._max_batch):
+            self._wake_sender()
+        return True
 
     def put_failed(self) -> None:
         """Account for a record refused before queueing, so the next flush reports it."""
-        with self._cond:
+        self._hand((None, None))  # type: ignore[arg-type]  # a request ID is never None
+
+    def _hand(self, item: _Handed) -> None:
+        """Append to the hand-off; fold it in at once if the lock is free (never waits)."""
+        self._handed.append(item)
+        if self._lock.acquire(blocking=False):
+            try:
+                self._fold()
+            finally:
+                self._lock.release()
+
+    def _wake_sender(self) -> None:
+        """Wake one parked sender, if there is one (a pop is atomic: each is woken once)."""
+        try:
+            parked = self._idle.popleft()
+        except IndexError:
+            return
+        parked.wake()
+
+    def _fold(self) -> None:
+        """Move what `put` handed over into the queue (inside the lock)."""
+        handed, pending, now = self._handed, self._pending, self._clock()
+        while handed:
+            request_id, metadata = handed.popleft()
             self._seq += 1
-            self._fail(self._seq)
+            if metadata is None:
+                self._fail(self._seq)
+                continue
+            entry = pending.get(request_id)
+            if entry is not None:
+                entry.metadata.update(metadata)
+                entry.updates += 1
+            else:
+                pending[request_id] = Entry(request_id, dict(metadata), self._seq, now)
+
+    # -- senders --
 
     def take(self) -> Entry | None:
         """Block until an entry is due, mark it in flight and return it; None once closed."""
-        with self._cond:
-            while True:
-                wait = self._next_due()
-                if isinstance(wait, Entry):
-                    del self._pending[wait.request_id]
-                    self._inflight[wait.request_id] = wait
-                    return wait
+        me: _Parked | None = None
+        while True:
+            with self._lock:
+                self._fold()
+                due = self._next_due()
+                if isinstance(due, Entry):
+                    del self._pending[due.request_id]
+                    self._inflight[due.request_id] = due
+                    # One more sender looks if the next entry is due, or nobody times it.
+                    if self._pending and (not self._timer
+                                          or isinstance(self._next_due(), Entry)):
+                        self._wake_sender()
+                    return due
                 if self._closed:
                     return None
-                self._cond.wait(wait)
+                timed = due is not None and not self._timer
+                if timed:
+                    self._timer = True
+                me = me or _Parked()
+                # Parked before the last look at the hand-off, so a `put` after that look
+                # finds this sender to wake.
+                self._idle.append(me)
+                if self._handed:
+                    self._unpark(me, timed)
+                    continue
+            woken = me.wait(due if timed else None)
+            with self._lock:
+                if timed:
+                    self._timer = False
+                if not woken:
+                    self._unpark(me, False)
+
+    def _unpark(self, me: _Parked, timed: bool) -> None:
+        """Take `me` back from the idle senders (inside the lock); if a waker popped it first,
+        its wake-up is consumed."""
+        if timed:
+            self._timer = False
+        try:
+            self._idle.remove(me)
+        except ValueError:
+            me.wait(None)  # popped: the wake is on its way, right after the pop
 
     def _next_due(self) -> Entry | float | None:
-        """The entry to send now, or how long to wait (None: until notified)."""
+        """The entry to send now, or how long to wait (None: until woken)."""
         now = self._clock()
-        soonest: float | None = None
         urgent = self._closed or len(self._pending) >= self._max_batch
         for entry in self._pending.values():
             if entry.request_id in self._inflight:
@@ -152,11 +250,8 @@ class RecordQueue:
             if urgent or entry.first_seq <= self._flush_to:
                 return entry
             due_in = entry.enqueued_at + self._delay - now
-            if due_in <= 0:
-                return entry
-            soonest = due_in if soonest is None else min(soonest, due_in)
-            break  # pending is in enqueue order: later entries are due later
-        return soonest
+            return entry if due_in <= 0 else due_in  # later entries are due later
+        return None
 
     def ack(self, entry: Entry, delivered: bool, account: Callable[[], None]) -> None:
         """The POST for `entry` finished: delivered, or failed for good.
@@ -165,37 +260,57 @@ class RecordQueue:
         first (and the caller counted it then): so every entry is counted exactly once, and
         before any flush that covers it returns.
         """
-        with self._cond:
+        with self._lock:
             if entry.abandoned:
                 return
             account()
             self._inflight.pop(entry.request_id, None)
             if not delivered:
                 self._fail(entry.first_seq)
-            self._cond.notify_all()
+            if entry.request_id in self._pending:
+                self._wake_sender()  # an update waited for this POST to end
+            if self._flushes:
+                self._wake_flushes()
+
+    # -- flush --
 
     def flush(self, deadline: float) -> bool:
         """Send every record put so far now, and wait until each settled (or `deadline`).
 
         True when all of them were delivered; False on a failure or when the deadline came first.
+        Woken once, when all it covers has settled: not after every POST.
         """
-        with self._cond:
-            seq = self._flush_to = self._seq
-            self._cond.notify_all()
-            me = _Flush(seq)
+        if not self._lock.acquire(timeout=_remaining(deadline, self._clock)):
+            return False
+        try:
+            self._fold()
+            me = _Flush(self._seq)
+            self._flush_to = self._seq
+            if self._pending:
+                self._wake_sender()  # the rest follow, one waking the next
             self._flushes.append(me)
-            try:
-                while self._oldest_unsettled() <= seq:
-                    remaining = deadline - self._clock()
-                    if not remaining > 0:  # NaN too
-                        return False
-                    self._cond.wait(min(remaining, MAX_WAIT_S))
-                self._tell(seq)
-                return not me.failed
-            finally:
-                self._flushes.remove(me)
-                if not self._flushes:
-                    self._fail()
+            self._wake_flushes()  # at once if nothing it covers is unsettled
+        finally:
+            self._lock.release()
+        woken = me.parked.wait(_remaining(deadline, self._clock))
+        with self._lock:
+            if not woken and me.woken:  # settled just as the deadline came: consume the wake
+                woken = me.parked.wait(None)
+            if woken:
+                self._tell(me.upto)
+            self._flushes.remove(me)
+            if not self._flushes:
+                self._fail()
+            return woken and not me.failed
+
+    def _wake_flushes(self) -> None:
+        """Wake the flushes whose records have all settled (inside the lock): one wake-up per
+        flush when it is done, not one per POST."""
+        oldest = self._oldest_unsettled()
+        for flush in self._flushes:
+            if not flush.woken and flush.upto < oldest:
+                flush.woken = True
+                flush.parked.wake()
 
     def _fail(self, *seqs: int) -> None:
         """Note failed records (inside the lock), keeping only what a flush can still ask."""
@@ -226,16 +341,25 @@ class RecordQueue:
         Entries still in flight are marked abandoned: their POST may yet land, but nobody is
         left to wait for it, so they count as not delivered (the caller counts them).
         """
-        with self._cond:
+        with self._lock:
             self._closed = True
+            self._fold()
             left = [*self._pending.values(), *self._inflight.values()]
             for entry in self._inflight.values():
                 entry.abandoned = True
             self._pending.clear()
             self._inflight.clear()
             self._fail(*(e.first_seq for e in left))
-            self._cond.notify_all()
+            while self._idle:
+                self._wake_sender()
+            self._wake_flushes()
             return left
 
     def __len__(self) -> int:
-        return len(self._pending) + len(self._inflight)
+        return len(self._pending) + len(self._inflight) + len(self._handed)
+
+
+def _remaining(deadline: float, clock: Callable[[], float]) -> float:
+    """Seconds left until `deadline`, as a lock's timeout takes them (NaN: none left)."""
+    left = deadline - clock()
+    return min(left, MAX_WAIT_S) if left > 0 else 0.0

@@ -87,7 +87,9 @@ class Faults:
 class Post:
     """One request the server answered: what it decided and what it was sent.
 
-    `status` 0 means no answer (reset or refused); `at` is when it arrived (monotonic clock).
+    `status` 0 means no answer (reset or refused); `at` is when it arrived (monotonic clock);
+    `in_flight` how many requests the server was handling then, this one included (0: not
+    counted, a connection reset before its request was read).
     """
 
     status: int
@@ -95,15 +97,21 @@ class Post:
     metadata: Any
     reason: str = ""
     at: float = field(default_factory=time.monotonic)
+    in_flight: int = 0
 
 
 class TrackMetadataServer(LocalServer):
     """A local PromptLayer track-metadata endpoint. Use as a context manager or start()/stop()."""
 
     def __init__(self, api_key: str = "pl-local-demo-key", latency_s: float = 0.0) -> None:
+        """`latency_s` is added to every answer, injected faults' too (an overloaded API
+        answers 503 late, not at once)."""
         super().__init__()
         self.api_key = api_key
         self.latency_s = latency_s
+        # POSTs being handled now, and the most at once since start (or `peak_in_flight = 0`).
+        self.in_flight = 0
+        self.peak_in_flight = 0
         self.faults: Faults | None = None
         self.metadata: dict[Any, dict[str, str]] = {}
         self.posts: list[Post] = []
@@ -128,6 +136,16 @@ class TrackMetadataServer(LocalServer):
             for p in self.posts:
                 counts[p.status] = counts.get(p.status, 0) + 1
             return counts
+
+    def _arrive(self) -> int:
+        with self._lock:
+            self.in_flight += 1
+            self.peak_in_flight = max(self.peak_in_flight, self.in_flight)
+            return self.in_flight
+
+    def _leave(self) -> None:
+        with self._lock:
+            self.in_flight -= 1
 
     def _record(self, post: Post) -> None:
         with self._lock:
@@ -197,6 +215,14 @@ class _Handler(JSONHandler):
         if self.path != PATH:
             self.answer(404, {"success": False, "message": "not found"})
             return
+        level = owner._arrive()
+        try:
+            self._track(raw, faults, level)
+        finally:
+            owner._leave()
+
+    def _track(self, raw: bytes, faults: Faults | None, level: int) -> None:
+        owner = self.owner
         gate = owner.gate
         if gate is not None and not gate.is_set():
             owner.waiting.release()
@@ -209,12 +235,15 @@ class _Handler(JSONHandler):
             self._reset("reset")
             return
         if kind == "status":
-            owner._record(Post(arg, None, None, "injected"))
+            owner._record(Post(arg, None, None, "injected", in_flight=level))
+            if owner.latency_s:
+                time.sleep(owner.latency_s)
             extra = {"Retry-After": faults.retry_after} if arg == 429 and faults else {}
             self.answer(arg, {"success": False, "message": "injected fault"}, extra)
             return
         status, reason, rid, md = validate(self.headers, raw, owner.api_key)
-        owner._record(Post(status, rid, md, reason or ("answered late" if kind == "slow" else "")))
+        owner._record(Post(status, rid, md, reason or ("answered late" if kind == "slow" else ""),
+                           in_flight=level))
         if kind == "slow":
             owner._stopping.wait(arg)
         elif owner.latency_s:
