@@ -16,6 +16,7 @@ from opentelemetry.attributes import BoundedAttributes
 from opentelemetry.baggage import _BAGGAGE_KEY
 from opentelemetry.context import Context, get_current
 from opentelemetry.context.contextvars_context import ContextVarsRuntimeContext
+from opentelemetry.metrics import MeterProvider
 from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace import ReadableSpan, Span, SpanProcessor
 from opentelemetry.trace import SpanContext
@@ -72,6 +73,8 @@ class MetadataSpanProcessor(SpanProcessor):
         handle_sigterm: flush on SIGTERM, then hand the signal on
             (``PROMPTLAYER_METADATA_HANDLE_SIGTERM``, true).
         retry: the retry policy (backoff, jitter).
+        meter_provider: where self-metrics go (default: the global meter provider; nothing is
+            recorded with the API's no-op one).
     """
 
     def __init__(
@@ -96,6 +99,7 @@ class MetadataSpanProcessor(SpanProcessor):
         shutdown_timeout_millis: float | None = None,
         handle_sigterm: bool | None = None,
         retry: RetryPolicy | None = None,
+        meter_provider: MeterProvider | None = None,
     ) -> None:
         options = {k: v for k, v in locals().items() if k in config.ARGUMENTS}
         self._settings = s = config.resolve(**options)
@@ -117,7 +121,7 @@ class MetadataSpanProcessor(SpanProcessor):
             _logger.warning("otel-metadata: %s is plain http to a remote host: the API key "
                             "would travel unencrypted; use https", s.base_url)
         try:
-            self._pipeline = Pipeline(s, retry)
+            self._pipeline = Pipeline(s, retry, meter_provider)
         except Exception:  # e.g. no thread can be started: stay inert, never break the app
             _logger.warning("otel-metadata: could not start; no metadata will be sent",
                             exc_info=True)
