@@ -119,6 +119,6 @@ def test_the_processor_takes_each_declared_setting_and_documents_it() -> None:
     params = set(inspect.signature(MetadataSpanProcessor.__init__).parameters) - {"self"}
     objects = {"retry", "meter_provider"}  # arguments that are objects, not settings
     assert params == config.ARGUMENTS | objects
-    assert autoconfig._OPTION_NAMES == params
+    assert params == autoconfig._OPTION_NAMES
     doc = MetadataSpanProcessor.__doc__ or ""
     assert all(f"        {name}:" in doc for name in params)
