@@ -299,8 +299,10 @@ class Delivery:
             if fate != "delivered" and self.on_drop is not None:
                 # Before `ack`, so a flush that sees the failure also sees its keys unsent.
                 self.on_drop(entry.request_id, entry.metadata)
+            # The key's refusal (401) is not the record's fault either.
+            keep = fate in _KEPT_FATES or (fate == "dropped.rejected" and self._key_rejected)
             queue.ack(entry, fate == "delivered", functools.partial(self._stats.add, fate),
-                      keep=fate in _KEPT_FATES)
+                      keep=keep)
             with pool:
                 # Far above a lowered limit: end (not just above it: a limit that halves and
                 # grows back would start and end threads all the time, at ~100 µs each).
