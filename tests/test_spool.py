@@ -140,6 +140,19 @@ def test_a_put_into_a_parked_row_sends_the_parked_keys_too(tmp_path: Path) -> No
     assert entry.metadata == {"a": "1", "b": "2"}
 
 
+def test_a_kept_failure_with_a_newer_update_waiting_goes_out_with_it(tmp_path: Path) -> None:
+    """The failed POST's keys are not lost when the newer update's POST deletes the row."""
+    q = make(tmp_path)
+    q.put(1, {"a": "1", "b": "1"})
+    (first,) = take_all(q)
+    q.put(1, {"b": "2"})  # while the first POST is in flight
+    q.ack(first, False, _nothing, keep=True)  # retries ran out
+    (second,) = take_all(q)
+    assert second.metadata == {"a": "1", "b": "2"}
+    q.ack(second, True, _nothing)
+    assert rows(q) == {}
+
+
 def test_close_keep_leaves_records_for_the_next_process(tmp_path: Path) -> None:
     q = make(tmp_path)
     q.put(1, {"a": "1"})
