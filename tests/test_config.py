@@ -107,3 +107,18 @@ def test_a_batch_larger_than_the_queue_is_clamped(caplog: pytest.LogCaptureFixtu
     settings = resolve(max_queue_size=10, max_export_batch_size=50)
     assert settings.max_export_batch_size == 10
     assert "OTEL_BSP_MAX_EXPORT_BATCH_SIZE" in caplog.text
+
+
+def test_the_processor_takes_each_declared_setting_and_documents_it() -> None:
+    """One declaration per setting (config.Settings): the explicit constructor signature and
+    its docstring follow it, and so do the zero-code exporter's options."""
+    import inspect
+
+    from otel_metadata import autoconfig, config
+
+    params = set(inspect.signature(MetadataSpanProcessor.__init__).parameters) - {"self"}
+    objects = {"retry", "meter_provider"}  # arguments that are objects, not settings
+    assert params == config.ARGUMENTS | objects
+    assert autoconfig._OPTION_NAMES == params
+    doc = MetadataSpanProcessor.__doc__ or ""
+    assert all(f"        {name}:" in doc for name in params)

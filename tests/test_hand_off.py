@@ -137,3 +137,36 @@ def test_a_backlog_past_the_bound_drops_and_counts_without_waiting(
     # span or its root's was dropped).
     assert all(md == {"user_id": "u"} for md in server.metadata.values())
     assert stats["dropped.backlog"] >= 20 - len(server.metadata) > 0
+
+
+def test_a_backlog_holds_only_spans_of_traces_that_need_them(server, make_pipeline) -> None:
+    """While the worker is behind, spans of traces nobody holds are not queued behind it."""
+    p = make_pipeline(max_trace_wait_millis=600_000)
+    with worker_stuck(p):
+        root = p.tracer.start_span("session")
+        root.set_attribute("user.id", "u")
+        with trace.use_span(root), p.tracer.start_as_current_span("llm"):
+            set_request_id(9)
+        waiting = p.processor.stats()["backlog"]
+        for _ in range(100):  # other traces, carrying nothing for us
+            with p.tracer.start_as_current_span("GET /health"):
+                pass
+        assert p.processor.stats()["backlog"] == waiting
+        root.end()  # its trace's root still follows its request into the join
+        assert p.processor.stats()["backlog"] == waiting + 1
+    assert p.flush()
+    assert server.metadata[9] == {"user_id": "u"}
+
+
+def test_a_lost_request_is_counted_once(server, make_pipeline, monkeypatch) -> None:
+    """dropped.backlog counts request IDs, not the spans and links each lost request had."""
+    monkeypatch.setattr(intake_module, "MAX_BACKLOG", 4)
+    p = make_pipeline()
+    with worker_stuck(p):  # the stall itself and its span fill the hand-off
+        for rid in range(1, 11):
+            with p.tracer.start_as_current_span("llm") as span:
+                span.set_attribute("promptlayer.metadata.n", str(rid))
+                set_request_id(rid)  # a link, then the span: two refusals, one request
+    assert p.flush() is False
+    lost = 10 - len(server.metadata)
+    assert lost > 0 and p.processor.stats()["dropped.backlog"] == lost

@@ -483,3 +483,21 @@ def test_a_chain_completed_after_its_root_ended_posts_at_once() -> None:
     assert posted == []  # span 20 is not known yet: neither is the root above the request
     join.add(SpanData(1, 20, 10, False, {"tier": "b"}))  # service B's server span arrives
     assert posted == [(7, {"user_id": "a", "tier": "b"})]
+
+
+def test_lone_roots_are_remembered_beyond_max_traces(server, make_pipeline) -> None:
+    """Handler spans that end before their request span (a streamed answer) are remembered
+    by a bound of their own, not the few `max_traces` held traces."""
+    p = make_pipeline(max_traces=3, max_trace_wait_millis=600_000)
+    late = []
+    for rid in range(1, 11):
+        root = p.tracer.start_span("POST /chat")
+        root.set_attribute("user.id", f"u{rid}")
+        with trace.use_span(root):
+            late.append((rid, p.tracer.start_span("llm")))
+        root.end()  # the handler returned; its stream is read later
+    for rid, llm in late:
+        with trace.use_span(llm, end_on_exit=True):
+            set_request_id(rid)
+    assert p.flush()
+    assert server.metadata == {rid: {"user_id": f"u{rid}"} for rid in range(1, 11)}

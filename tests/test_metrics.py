@@ -179,3 +179,27 @@ def test_a_global_meter_provider_set_later_gets_every_count() -> None:
     assert got["otel_metadata.record.queued"] == 4
     assert got["otel_metadata.queue.size"] == 4
     assert got["otel_metadata.post.duration"] == [1, pytest.approx(0.2)]
+
+
+def test_the_processor_reports_what_its_pipeline_does(make_pipeline, server, reader) -> None:
+    """End to end: a real processor given `meter_provider=` reports its records and POSTs."""
+    from conftest import send
+
+    p = make_pipeline(meter_provider=MeterProvider(metric_readers=[reader]),
+                      required_keys=["tenant"])
+    for rid in (1, 2):
+        send(p, rid, {"step": "one"})
+    assert p.flush()
+    got = collect(reader)
+    component = next(a["otel.component.name"] for a, _ in got["otel_metadata.record.queued"]
+                     ["points"])
+    assert values(got, "otel_metadata.record.queued", component) == 2
+    assert values(got, "otel_metadata.record.delivered", component) == 2
+    assert values(got, "otel_metadata.record.missing_key", component,
+                  by="otel_metadata.key") == {"tenant": 2}
+    (attributes, (count, _)), = got["otel_metadata.post.duration"]["points"]
+    assert count == 2 and attributes["http.response.status_code"] == 200
+    for name in got:
+        for attributes, _ in got[name]["points"]:
+            assert set(attributes) <= LOW_CARDINALITY
+    p.processor.shutdown()

@@ -43,8 +43,8 @@ _logger = logging.getLogger("otel_metadata")
 #: The name to put in ``OTEL_TRACES_EXPORTER`` or under ``span_exporter`` in a config file.
 EXPORTER_NAME = "promptlayer_metadata"
 
-# The settings' arguments (config.py declares each once), and the processor's own `retry`.
-_OPTION_NAMES = config.ARGUMENTS | {"retry"}
+# The settings' arguments (config.py declares each once), and the processor's own objects.
+_OPTION_NAMES = config.ARGUMENTS | {"retry", "meter_provider"}
 
 _lock = threading.Lock()
 # provider -> (its processor, the options it was built with); weak, so a test's provider can go.

@@ -114,13 +114,18 @@ def _names(raw: object, o: Option) -> tuple[str, ...]:
     return good
 
 
-def _keys(raw: object, o: Option) -> tuple[str, ...]:
-    """A comma list (or a list) of metadata keys; empty for none."""
+def _comma_list(raw: object, what: str) -> tuple[str, ...]:
+    """A comma list (a variable) or a list of strings (an argument), each stripped, once."""
     items = raw.split(",") if isinstance(raw, str) else raw if isinstance(raw, (list, tuple)) \
         else None
     if items is None or not all(isinstance(i, str) for i in items):
-        raise ValueError("expected a comma list of metadata keys")
+        raise ValueError(f"expected a comma list of {what}")
     return tuple(dict.fromkeys(i.strip() for i in items if i.strip()))
+
+
+def _keys(raw: object, o: Option) -> tuple[str, ...]:
+    """Metadata keys; empty for none."""
+    return _comma_list(raw, "metadata keys")
 
 
 def _str_map(raw: object, o: Option) -> dict[str, str]:
@@ -133,13 +138,11 @@ def _str_map(raw: object, o: Option) -> dict[str, str]:
 
 
 def _conventions(raw: object, o: Option) -> tuple[str, ...]:
-    """A comma list (or a list) of `TOOL_NAMES`, or ``none``."""
-    items = raw.split(",") if isinstance(raw, str) else raw if isinstance(raw, (list, tuple)) \
-        else None
-    if items is None or not all(isinstance(i, str) for i in items):
-        raise ValueError("expected a comma list of conventions")
-    names = [i.strip().lower() for i in items if i.strip()]
-    if names == ["none"] or not items:
+    """Some of `TOOL_NAMES`, or ``none`` (an empty list as an argument)."""
+    if isinstance(raw, (list, tuple)) and not raw:
+        return ()
+    names = [n.lower() for n in _comma_list(raw, "conventions")]
+    if names == ["none"]:
         return ()
     unknown = [n for n in names if n not in TOOL_NAMES]
     if unknown or not names:

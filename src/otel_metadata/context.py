@@ -55,15 +55,15 @@ def link_request_id(request_id: int | str, span: trace.Span, started: Context | 
     """
     check_request_id(request_id)
     ctx = span.get_span_context()
+    if span.is_recording() and REQUEST_ID_ATTRIBUTE not in (getattr(span, "attributes", None)
+                                                            or {}):
+        # Exporters beside us (and PromptLayer's own OTLP ingestion) see which span it is.
+        span.set_attribute(REQUEST_ID_ATTRIBUTE, request_id)
     pipelines = live()
     if not ctx.is_valid or not pipelines:
         _warn_unlinked(request_id, "found no span" if not ctx.is_valid else
                        "found no running MetadataSpanProcessor")
         return
-    if span.is_recording() and REQUEST_ID_ATTRIBUTE not in (getattr(span, "attributes", None)
-                                                            or {}):
-        # Exporters beside us (and PromptLayer's own OTLP ingestion) see which span it is.
-        span.set_attribute(REQUEST_ID_ATTRIBUTE, request_id)
     end_ns = getattr(span, "end_time", None)
     ended_ns = end_ns if isinstance(end_ns, int) and not span.is_recording() else None
     if started is None and ended_ns is not None:

@@ -191,6 +191,8 @@ class Delivery:
         self._settings = settings
         # Told of every record given up on, so the lineage join counts its keys as unsent.
         self.on_drop: Callable[[RequestId, dict[str, str]], None] | None = None
+        # Told of every POST: how long it took, its status (None: no answer) and error name.
+        self.on_post: Callable[[float, int | None, str | None], None] = _ignore_post
         self._stats = stats
         self._retry = retry or RetryPolicy()
         self._clock = clock
@@ -325,8 +327,9 @@ class Delivery:
             if not timeout > 0:  # the wait for room took what was left
                 self.concurrency.cancel()
                 return "dropped.retries_exhausted"
-            cpu = time.thread_time()
+            cpu, began = time.thread_time(), time.perf_counter()
             outcome = self._transport.post(entry.request_id, entry.metadata, timeout)
+            self.on_post(time.perf_counter() - began, outcome.status, outcome.error)
             self.concurrency.release(started, outcome.status, time.thread_time() - cpu)
             tries += 1
             self._stats.add("posts")
@@ -368,3 +371,7 @@ class Delivery:
 
 def _describe(outcome: Outcome) -> str:
     return f"HTTP {outcome.status}" if outcome.status is not None else str(outcome.error)
+
+
+def _ignore_post(seconds: float, status: int | None, error: str | None) -> None:
+    """`Delivery.on_post` until someone listens (self-metrics)."""

@@ -16,7 +16,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections import deque
+from collections import OrderedDict, deque
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -41,6 +41,11 @@ _logger = logging.getLogger("otel_metadata")
 # Ended spans (and links) handed over and not joined yet, past which spans that carry metadata
 # are dropped (counted): the source's thread never waits for the worker.
 MAX_BACKLOG = 16_384
+
+# Request IDs refused at the hand-off that are remembered, so each is counted once.
+_MAX_REFUSED_IDS = 4096
+# The worker's shortest pause between passes while spans keep coming.
+_GATHER_S = 0.005
 
 # What a source hands over for one ended span: trace ID, span ID, parent (a tuple-like
 # (trace_id, span_id, is_remote), e.g. an SDK SpanContext; None for a root), the attributes that
@@ -86,6 +91,11 @@ class Intake:
 
     def _fresh_state(self) -> None:
         self._inbox: deque[_Item | _Link] = deque()
+        # Traces with a span (or link) in the inbox that carries something: their other spans
+        # are handed off too. Added by sources before the append, discarded by the worker once
+        # that item is joined (then the join holds the trace).
+        self._pending: set[int] = set()
+        self._refused: OrderedDict[RequestId, None] = OrderedDict()  # counted once each
         self._drain_lock = threading.Lock()
         self._drainer: int | None = None  # the thread inside `_drain_locked`
         self._wake = threading.Event()
@@ -98,15 +108,18 @@ class Intake:
               started: Started | None, resource: Resource | None) -> bool:
         """A span ended. False when it carried metadata and was refused (backlog, shutdown):
         a receiver answers that with backpressure."""
-        inbox, join = self._inbox, self._join
+        join, pending = self._join, self._pending
         item: _Item
         # `MappingRules.is_relevant`, spelled out to save a call on every span: most spans carry
         # nothing for us and are told by one set test in C.
         if not self._irrelevant.issuperset(attrs) and (
                 not self._relevant.isdisjoint(attrs) or self._rules.prefixed_or_learn(attrs)):
             item = (trace_id, span_id, parent, attrs, started, resource)
-        elif inbox or trace_id in join.traces or trace_id in join.ended_roots:
-            # Its trace may be held: the join must see it, after what was handed off before.
+        elif ((pending and trace_id in pending) or trace_id in join.traces
+              or trace_id in join.ended_roots):
+            # Its trace is (or is about to be) held: the join must see it, after what was
+            # handed off before. Spans of other traces never wait in the hand-off, also while
+            # it is long (a backlog of one trace's spans costs no other trace anything).
             item = (trace_id, span_id, parent, None, started, resource)
         else:
             if parent is not None and not parent[2]:
@@ -153,23 +166,38 @@ class Intake:
         inbox = self._inbox
         if len(inbox) >= MAX_BACKLOG or self._is_shutdown:
             if carries:  # a span that carries nothing costs its trace nothing
-                self._refuse()
+                self._refuse(item)
             return not carries
+        if carries:  # before the append: its trace's other spans follow it into the join
+            self._pending.add(item.trace_id if type(item) is _Link else item[0])  # type: ignore[index]
         inbox.append(item)
         if not self._wake.is_set():  # after the append: the worker clears it, then drains
             self._wake.set()
         return True
 
-    def _refuse(self) -> None:
+    def _refuse(self, item: _Item | _Link) -> None:
         """After shutdown, or while the worker is `MAX_BACKLOG` behind (spans made faster
-        than their metadata can be joined). Never waits."""
-        if self._is_shutdown:
-            self._stats.add("dropped.shutdown")
-            return
-        self._stats.add("dropped.backlog")
-        self._stats.warn_once("drop", "backlog", "otel-metadata: %d ended spans are waiting to "
-                              "be joined; dropping spans that carry metadata until the worker "
-                              "catches up, and counting them as dropped.backlog", MAX_BACKLOG)
+        than their metadata can be joined). Never waits.
+
+        ``dropped.<why>`` counts request IDs lost (once each, however many of their spans and
+        links were refused); a refused span that carries metadata but no request ID is
+        ``dropped_spans.<why>``: its requests are posted without what it carried.
+        """
+        why = "shutdown" if self._is_shutdown else "backlog"
+        request_id = item.request_id if type(item) is _Link else request_id_of(
+            item[3], self._rules.request_id_attributes, self._stats)  # type: ignore[index]
+        if request_id is None:
+            self._stats.add(f"dropped_spans.{why}")
+        elif request_id not in self._refused:
+            self._refused[request_id] = None
+            if len(self._refused) > _MAX_REFUSED_IDS:
+                self._refused.pop(next(iter(self._refused), request_id), None)
+            self._stats.add(f"dropped.{why}")
+        if why == "backlog":
+            self._stats.warn_once("drop", "backlog", "otel-metadata: %d ended spans are "
+                                  "waiting to be joined; dropping spans that carry metadata "
+                                  "until the worker catches up (dropped.backlog counts the "
+                                  "requests lost)", MAX_BACKLOG)
 
     def error(self, name: object) -> None:
         """A span a source could not read: counted, and logged once."""
@@ -234,6 +262,9 @@ class Intake:
             try:
                 self.drain()
                 due = join.expire()
+                # Let spans gather before the next pass: one pass per few milliseconds instead
+                # of one per span when they trickle in (a flush drains on its own thread).
+                time.sleep(_GATHER_S)
             except Exception:
                 _logger.exception("otel-metadata: lineage worker failed")
                 due = time.monotonic() + 1.0
@@ -246,10 +277,12 @@ class Intake:
             try:
                 if type(item) is _Link:
                     self._join_link(item)
+                    self._pending.discard(item.trace_id)
                     continue
                 trace_id, span_id, parent, attrs, _, _ = item  # type: ignore[misc]
                 if attrs is not None:
                     join.add(self._span_data(item, rules.relevant_items(attrs)))  # type: ignore[arg-type]
+                    self._pending.discard(trace_id)
                 elif join.holds(trace_id):
                     join.add(self._span_data(item, None))  # type: ignore[arg-type]
                 elif parent is not None and not parent[2]:

@@ -53,6 +53,8 @@ Emit = Callable[[RequestId, dict[str, str]], bool]
 # Told of a request joined but not posted yet, with what is known of it (a durable store writes
 # it down, so a crash before its trace is released still delivers that).
 Hold = Callable[[RequestId, dict[str, str]], None]
+# Local roots that ended alone, remembered for `max_wait_s` in case a request below them ends late.
+MAX_REMEMBERED_ROOTS = 65_536
 # Parent links remembered for spans outside held traces: two generations of this many each.
 LINK_GENERATION = 16_384
 # A local root remembered alone: when to forget, span ID, parent ID, metadata and fallback items.
@@ -113,6 +115,9 @@ class TraceJoin:
         self._required = required
         self._static = dict(static)
         self._max_traces = max_traces
+        # Remembered lone roots are cheap (a tuple each): enough for `max_trace_wait` of a busy
+        # app (10 000 handler spans/s for 5 s), and never fewer than `max_traces`.
+        self._max_roots = max(max_traces, MAX_REMEMBERED_ROOTS)
         self._wait = max_wait_s
         self._horizon = max(_MIN_FOLLOWUP_HORIZON_S, _FOLLOWUP_HORIZON * max_wait_s)
         self._stats = stats
@@ -135,10 +140,10 @@ class TraceJoin:
         self._owner: int | None = None  # the thread inside the lock, to refuse re-entry
         # Local roots that ended while nothing else of their trace was known (trace ID -> when
         # to forget, span ID, parent ID, metadata items). Remembered like a lingering trace
-        # (`max_wait_s`, at most `max_traces`) but cheaply: most never see another span of their
-        # trace (a web handler span with `user.id` and no LLM call under it). A trace enters
-        # `traces` only when another of its spans arrives. Past its wait a root is never used,
-        # and it is dropped within 64 newer ones (or as the oldest when full).
+        # (`max_wait_s`, at most `MAX_REMEMBERED_ROOTS`) but cheaply: most never see another span
+        # of their trace (a web handler span with `user.id` and no LLM call under it). A trace
+        # enters `traces` only when another of its spans arrives. Past its wait a root is never
+        # used, and it is dropped within 64 newer ones (or as the oldest when full).
         self.ended_roots: OrderedDict[int, _EndedRoot] = OrderedDict()
 
     def unsend(self, request_id: RequestId, metadata: Mapping[str, str]) -> None:
@@ -217,7 +222,7 @@ class TraceJoin:
     def _remember_root(self, span: SpanData) -> None:
         roots = self.ended_roots
         now = self._clock()
-        if len(roots) >= self._max_traces:  # full: the oldest goes, early if it is not due
+        if len(roots) >= self._max_roots:  # full: the oldest goes, early if it is not due
             if roots.popitem(last=False)[1][0] > now:
                 self._stats.add("traces_evicted")
         elif not len(roots) & 63:  # now and then, forget the roots whose wait is over

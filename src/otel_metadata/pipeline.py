@@ -15,13 +15,16 @@ import weakref
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
+from opentelemetry.metrics import MeterProvider
+
 from .config import Settings
 from .conventions import chosen
 from .delivery import Delivery
 from .forking import ForkGuard
-from .intake import Intake, Started
+from .intake import MAX_BACKLOG, Intake, Started
 from .lineage import TraceJoin
 from .mapping import MappingRules, RequestId, map_values
+from .metrics import Metrics
 from .queue import RecordQueue, RecordStore
 from .retry import RetryPolicy
 from .stats import Stats
@@ -41,7 +44,9 @@ _live: weakref.WeakSet[Pipeline] = weakref.WeakSet()
 class Pipeline:
     """The running parts behind one source. Needs an API key (`settings.api_key`)."""
 
-    def __init__(self, settings: Settings, retry: RetryPolicy | None = None) -> None:
+    def __init__(self, settings: Settings, retry: RetryPolicy | None = None,
+                 meter_provider: MeterProvider | None = None,
+                 component_type: str = "otel_metadata_span_processor") -> None:
         assert settings.api_key is not None
         self.settings = s = settings
         self.counters = Stats()
@@ -60,6 +65,11 @@ class Pipeline:
         self.delivery.on_drop = self.join.unsend
         self.intake = Intake(self.join, self.rules, self.counters, max_wait_s=s.max_trace_wait_s)
         self.intake.store_full = lambda: len(self.delivery) >= s.max_queue_size
+        self.metrics = Metrics(self.counters.snapshot, queue_size=lambda: len(self.delivery),
+                               handoff_size=lambda: len(self.intake),
+                               handoff_capacity=MAX_BACKLOG, meter_provider=meter_provider,
+                               component_type=component_type)
+        self.delivery.on_post = self.metrics.posted
         self._fork_guard = ForkGuard(self._after_fork)
         if self._fork_guard.polling:
             self.intake.fork_check = self._fork_guard.check
@@ -128,6 +138,7 @@ class Pipeline:
         except Exception:  # never let our trouble break the provider's shutdown at exit
             _logger.exception("otel-metadata: shutdown failed")
         self.join.clear()
+        self.metrics.close()
         self.report("at shutdown")
 
     def report(self, when: str, waiting: int = 0) -> None:

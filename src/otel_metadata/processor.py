@@ -16,6 +16,7 @@ from opentelemetry.attributes import BoundedAttributes
 from opentelemetry.baggage import _BAGGAGE_KEY
 from opentelemetry.context import Context, get_current
 from opentelemetry.context.contextvars_context import ContextVarsRuntimeContext
+from opentelemetry.metrics import MeterProvider
 from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace import ReadableSpan, Span, SpanProcessor
 from opentelemetry.trace import SpanContext
@@ -78,6 +79,8 @@ class MetadataSpanProcessor(SpanProcessor):
         spool_sync: ``normal`` survives the process dying; ``full`` survives power loss too, at
             an fsync per commit (``PROMPTLAYER_METADATA_SPOOL_SYNC``, normal).
         retry: the retry policy (backoff, jitter).
+        meter_provider: where self-metrics go (default: the global meter provider; nothing is
+            recorded with the API's no-op one).
     """
 
     def __init__(
@@ -105,6 +108,7 @@ class MetadataSpanProcessor(SpanProcessor):
         max_spool_bytes: int | None = None,
         spool_sync: str | None = None,
         retry: RetryPolicy | None = None,
+        meter_provider: MeterProvider | None = None,
     ) -> None:
         options = {k: v for k, v in locals().items() if k in config.ARGUMENTS}
         self._settings = s = config.resolve(**options)
@@ -126,7 +130,7 @@ class MetadataSpanProcessor(SpanProcessor):
             _logger.warning("otel-metadata: %s is plain http to a remote host: the API key "
                             "would travel unencrypted; use https", s.base_url)
         try:
-            self._pipeline = Pipeline(s, retry)
+            self._pipeline = Pipeline(s, retry, meter_provider)
         except Exception:  # e.g. no thread can be started: stay inert, never break the app
             _logger.warning("otel-metadata: could not start; no metadata will be sent",
                             exc_info=True)

@@ -482,7 +482,8 @@ def run(out: TextIO, http: tuple[str, int] | None, grpc_address: tuple[str, int]
                else f"no PromptLayer API key (set {config.ENV_API_KEY})")
         print(f"otel-metadata serve: {why}; not serving", file=out)
         return 2
-    serve = Serve(Pipeline(settings), http, grpc_address)
+    serve = Serve(Pipeline(settings, component_type="otel_metadata_receiver"), http,
+                  grpc_address)
     try:
         serve.start()
     except (OSError, RuntimeError) as exc:

@@ -20,7 +20,8 @@ STANDARD_COUNTERS: tuple[str, ...] = (
     "dropped.rejected",           # answered 400/401/403/404/422: not retried
     "dropped.unauthorized",       # not sent: the key was rejected earlier (401)
     "dropped.shutdown",           # still queued, or arriving, after shutdown()
-    "dropped.backlog",            # a span with metadata, ended while the worker was far behind
+    "dropped.backlog",            # a request lost: its span or link came while the worker was
+                                  # far behind (dropped_spans.backlog: other spans with metadata)
     "dropped.error",              # an unexpected error in the sender (a bug; logged)
     "truncated_values",           # values cut to max_value_length
     "dropped_keys",               # metadata keys longer than 1024 characters
@@ -53,7 +54,7 @@ class Stats:
     def add(self, name: str, n: int = 1) -> None:
         with self._lock:
             self._counts[name] += n
-            if name.startswith("dropped.") or name == "errors":
+            if name.startswith(("dropped.", "dropped_spans.")) or name == "errors":
                 self._losses += n
 
     @property

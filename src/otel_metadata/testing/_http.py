@@ -47,11 +47,14 @@ class JSONHandler(BaseHTTPRequestHandler):
             self.answer(400, {"success": False, "message": "bad Content-Length"})
             return None
 
-    def answer(self, status: int, payload: Mapping[str, Any],
+    def answer(self, status: int, payload: Any,
                headers: Mapping[str, str] | None = None) -> None:
-        data = json.dumps(payload).encode()
+        self.send_bytes(status, json.dumps(payload).encode(), headers=headers)
+
+    def send_bytes(self, status: int, data: bytes, content_type: str = "application/json",
+                   headers: Mapping[str, str] | None = None) -> None:
         self.send_response(status)
-        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Type", content_type)
         self.send_header("Content-Length", str(len(data)))
         for name, value in (headers or {}).items():
             self.send_header(name, value)

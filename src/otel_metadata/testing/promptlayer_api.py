@@ -35,13 +35,12 @@ from __future__ import annotations
 import http.client
 import itertools
 import json
-import threading
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Any
+from typing import Any, cast
 from urllib.parse import unquote, urlsplit
 
+from ._http import JSONHandler, LocalServer
 from .track_metadata import PATH as TRACK_METADATA_PATH
 from .track_metadata import TrackMetadataServer
 
@@ -186,13 +185,15 @@ def check_fields(body: Mapping[str, Any], required: Mapping[str, Check],
             raise Refused(422, f"{name} is of the wrong type")
 
 
-class PromptLayerAPI:
-    """Start with ``with PromptLayerAPI(...) as api:``; point the SDK at `base_url`."""
+class PromptLayerAPI(LocalServer):
+    """Start with ``with PromptLayerAPI(...) as api:``; point the SDK at `base_url` (what it
+    takes as ``base_url`` / ``PROMPTLAYER_BASE_URL``)."""
 
     def __init__(self, api_key: str = "pl-local-demo-key", *,
                  track_metadata: TrackMetadataServer | None = None,
                  llm_api_key: str = "sk-local-stub", llm_base_url: str | None = None,
                  first_request_id: int = 90_001) -> None:
+        super().__init__()
         self.api_key = api_key
         self.llm_api_key = llm_api_key
         self.track_metadata = track_metadata
@@ -204,15 +205,6 @@ class PromptLayerAPI:
         self.spans_posts = 0
         self.fail_llm = 0
         self._ids = itertools.count(first_request_id)
-        self._lock = threading.Lock()
-        self._httpd: ThreadingHTTPServer | None = None
-
-    @property
-    def base_url(self) -> str:
-        """What the SDK takes as ``base_url`` / ``PROMPTLAYER_BASE_URL``."""
-        assert self._httpd is not None, "PromptLayerAPI not started"
-        host, port = self._httpd.server_address[:2]
-        return f"http://{host!s}:{port}"
 
     @property
     def llm_base_url(self) -> str:
@@ -220,22 +212,7 @@ class PromptLayerAPI:
         return self._llm_base_url or f"{self.base_url}/v1"
 
     def __enter__(self) -> PromptLayerAPI:
-        api = self
-
-        class Handler(_Handler):
-            owner = api
-
-        self._httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self._httpd.daemon_threads = True
-        threading.Thread(target=self._httpd.serve_forever, args=(0.05,),
-                         name="promptlayer-api", daemon=True).start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        if self._httpd is not None:
-            self._httpd.shutdown()
-            self._httpd.server_close()
-            self._httpd = None
+        return cast(PromptLayerAPI, self.start())
 
     def ids(self, endpoint: str | None = None) -> list[int]:
         """The request IDs issued so far (by one endpoint, if given), in order."""
@@ -335,22 +312,8 @@ def _chunks(answer: str, model: str, usage: bool) -> Iterator[dict[str, Any]]:
 _USAGE = {"prompt_tokens": 9, "completion_tokens": 5, "total_tokens": 14}
 
 
-class _Handler(BaseHTTPRequestHandler):
+class _Handler(JSONHandler):
     owner: PromptLayerAPI
-    protocol_version = "HTTP/1.1"
-
-    def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - the base's name
-        pass
-
-    def _send(self, status: int, data: bytes, content_type: str = "application/json") -> None:
-        self.send_response(status)
-        self.send_header("Content-Type", content_type)
-        self.send_header("Content-Length", str(len(data)))
-        self.end_headers()
-        self.wfile.write(data)
-
-    def _json(self, status: int, payload: Any) -> None:
-        self._send(status, json.dumps(payload).encode())
 
     def do_POST(self) -> None:  # noqa: N802 - http.server's naming
         raw = self.rfile.read(int(self.headers.get("Content-Length") or 0))
@@ -361,7 +324,7 @@ class _Handler(BaseHTTPRequestHandler):
                 self._forward(raw)
             elif path in ("/v1/traces", "/spans-bulk"):
                 owner.spans(self.headers)  # type: ignore[arg-type]
-                self._send(200, b"" if path == "/v1/traces" else b'{"success": true}',
+                self.send_bytes(200, b"" if path == "/v1/traces" else b'{"success": true}',
                            "application/x-protobuf" if path == "/v1/traces" else "application/json")
             else:
                 self._route(path, self._body(raw))
@@ -369,10 +332,10 @@ class _Handler(BaseHTTPRequestHandler):
             with owner._lock:
                 owner.refused.append((path, refused.status, refused.reason))
             if path == "/v1/chat/completions":
-                self._json(refused.status, {"error": {"message": refused.reason,
+                self.answer(refused.status, {"error": {"message": refused.reason,
                                                       "type": "invalid_request_error"}})
             else:
-                self._json(refused.status, {"success": False, "message": refused.reason})
+                self.answer(refused.status, {"success": False, "message": refused.reason})
 
     def _body(self, raw: bytes) -> dict[str, Any]:
         if (self.headers.get("Content-Type") or "").split(";")[0].strip() != "application/json":
@@ -388,12 +351,12 @@ class _Handler(BaseHTTPRequestHandler):
     def _route(self, path: str, body: dict[str, Any]) -> None:
         owner, headers = self.owner, self.headers
         if path.startswith("/prompt-templates/"):
-            self._json(*owner.get_template(unquote(path.removeprefix("/prompt-templates/")),
+            self.answer(*owner.get_template(unquote(path.removeprefix("/prompt-templates/")),
                                            body, headers))  # type: ignore[arg-type]
         elif path in ("/track-request", "/rest/track-request"):
-            self._json(*owner.track_request(body, headers))  # type: ignore[arg-type]
+            self.answer(*owner.track_request(body, headers))  # type: ignore[arg-type]
         elif path == "/log-request":
-            self._json(*owner.log_request(body, headers))  # type: ignore[arg-type]
+            self.answer(*owner.log_request(body, headers))  # type: ignore[arg-type]
         elif path == "/v1/chat/completions":
             self._answer_chat(body)
         else:
@@ -403,7 +366,7 @@ class _Handler(BaseHTTPRequestHandler):
         answer = self.owner.chat(body, self.headers)  # type: ignore[arg-type]
         model = body["model"]
         if not body.get("stream"):
-            self._json(200, {
+            self.answer(200, {
                 "id": "chatcmpl-local", "object": "chat.completion", "created": 1_700_000_000,
                 "model": model, "usage": _USAGE,
                 "choices": [{"index": 0, "finish_reason": "stop", "logprobs": None,
@@ -412,7 +375,7 @@ class _Handler(BaseHTTPRequestHandler):
         usage = bool((body.get("stream_options") or {}).get("include_usage"))
         events = b"".join(b"data: " + json.dumps(c).encode() + b"\n\n"
                           for c in _chunks(answer, model, usage))
-        self._send(200, events + b"data: [DONE]\n\n", "text/event-stream")
+        self.send_bytes(200, events + b"data: [DONE]\n\n", "text/event-stream")
 
     def _forward(self, raw: bytes) -> None:
         """Hand a track-metadata POST to the TrackMetadataServer, and its answer back."""
@@ -426,7 +389,10 @@ class _Handler(BaseHTTPRequestHandler):
                        if k.lower() in ("x-api-key", "content-type")}
             conn.request("POST", TRACK_METADATA_PATH, raw, headers)
             answer = conn.getresponse()
-            self._send(answer.status, answer.read(),
+            self.send_bytes(answer.status, answer.read(),
                        answer.getheader("Content-Type") or "application/json")
         finally:
             conn.close()
+
+
+PromptLayerAPI.handler = _Handler
