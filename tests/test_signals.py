@@ -129,6 +129,29 @@ def test_an_unreachable_api_does_not_hold_the_exit_and_the_loss_is_logged(
                                            or "dropped." in stderr), stderr
 
 
+@pytest.mark.parametrize("kind", ["uvicorn", "gunicorn"])
+def test_with_a_spool_an_unreachable_api_keeps_the_records_for_the_next_start(
+    kind: str, server: TrackMetadataServer, start_app: object, tmp_path: Path,
+) -> None:
+    """SIGTERM while PromptLayer cannot be reached: the exit is still bounded, nothing is
+    counted lost, the records stay in the spool (gunicorn: one file per forked worker), and
+    the next start on the same directory delivers every one."""
+    closed = f"http://127.0.0.1:{_free_port()}"
+    spool = {"PROMPTLAYER_METADATA_SPOOL_DIR": str(tmp_path),
+             "PROMPTLAYER_METADATA_SHUTDOWN_TIMEOUT": "1000"}
+    proc, port = start_app(kind, closed, **spool)  # type: ignore[operator]
+    _requests(port)
+    took, _, stderr = _terminate(proc)
+    assert took < 15, stderr
+    assert "dropped." not in stderr, stderr
+    assert "kept in the spool" in stderr or "spooled=" in stderr, stderr
+    assert any(name.endswith(".spool") for name in os.listdir(tmp_path)), stderr
+    again, _ = start_app(kind, server.base_url, **spool)  # type: ignore[operator]
+    delivered = wait_for(lambda: server.metadata == ALL, timeout=30)
+    _, _, stderr = _terminate(again)
+    assert delivered, (len(server.metadata), stderr)
+
+
 def test_a_bare_process_flushes_then_dies_by_the_signal_as_before(
     server: TrackMetadataServer,
 ) -> None:

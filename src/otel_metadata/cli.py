@@ -25,6 +25,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         "serve", help="receive OTLP traces (from the OpenTelemetry Collector) and send the "
                       "metadata of their PromptLayer requests; settings from the environment "
                       "as for the processor; SIGTERM flushes and exits 0")
+    drain = commands.add_parser(
+        "drain", help="deliver what dead processes left in a spool directory, then exit: 0 "
+                      "when all of it was delivered, 1 when some is left (it stays there), 2 "
+                      "when it cannot start; settings from the environment")
+    drain.add_argument("--spool-dir", required=True, metavar="DIR",
+                       help="the spool directory (PROMPTLAYER_METADATA_SPOOL_DIR of the apps)")
+    drain.add_argument("--timeout", type=float, default=60.0, metavar="SECONDS",
+                       help="give up after this long (default: 60)")
     for command in (serve, check):
         command.add_argument("--http", default="localhost:4318", type=_address,
                              metavar="HOST:PORT", help="OTLP/HTTP listen address, with GET "
@@ -42,6 +50,10 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         return run_check(sys.stdout, args.timeout,
                          (args.http, args.grpc) if args.serve else None)
+    if args.command == "drain":
+        from .drain import run as run_drain
+
+        return run_drain(sys.stdout, args.spool_dir, args.timeout)
     if args.command == "serve":
         try:
             from .serve import run as run_serve

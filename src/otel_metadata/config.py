@@ -151,6 +151,22 @@ def _conventions(raw: object, o: Option) -> tuple[str, ...]:
     return tuple(n for n in TOOL_NAMES if n in names)
 
 
+def _path(raw: object, o: Option) -> str:
+    text = raw.strip() if isinstance(raw, str) else ""
+    if not text:
+        raise ValueError("expected a directory path")
+    return text
+
+
+def _sync(raw: object, o: Option) -> str:
+    """How the spool commits: ``normal`` (survives the process dying) or ``full`` (survives
+    power loss too, an fsync per commit); SQLite's own names."""
+    text = str(raw).strip().upper()
+    if text not in ("NORMAL", "FULL"):
+        raise ValueError("expected 'normal' or 'full'")
+    return text
+
+
 def _mapping(raw: object, o: Option) -> dict[str, Any]:
     if not isinstance(raw, Mapping):
         raise ValueError("expected a mapping")
@@ -206,6 +222,15 @@ class Settings:
     handle_sigterm: bool = setting(
         "handle_sigterm", "PROMPTLAYER_METADATA_HANDLE_SIGTERM", True, _flag,
         help="flush on SIGTERM, then hand the signal on")
+    spool_dir: str | None = setting(
+        "spool_dir", "PROMPTLAYER_METADATA_SPOOL_DIR", None, _path,
+        help="records wait in a SQLite file there, surviving a crash (none: in memory)")
+    max_spool_bytes: int = setting(
+        "max_spool_bytes", "PROMPTLAYER_METADATA_MAX_SPOOL_BYTES", 256 * 2**20, _integer,
+        minimum=4096, help="the spool's bound; past it the newest record is dropped")
+    spool_sync: str = setting(
+        "spool_sync", "PROMPTLAYER_METADATA_SPOOL_SYNC", "NORMAL", _sync,
+        help="normal: survives the process dying; full: power loss too (an fsync per commit)")
     disabled: bool = setting(None, "OTEL_SDK_DISABLED", False, _flag)
     request_id_attributes: tuple[str, ...] = setting(
         "request_id_attributes", None, ("promptlayer.request_id",), _names)

@@ -43,6 +43,9 @@ _PERMANENT_HINTS = {
     422: "the API rejected the metadata (validation)",
 }
 
+# Fates that are not the record's own fault: a durable store keeps it for a later try.
+_KEPT_FATES = frozenset({"dropped.retries_exhausted", "dropped.unauthorized"})
+
 # Answers that say the API is overloaded (as Vector's adaptive request concurrency takes them),
 # plus no answer at all (a timeout, a refused or reset connection).
 _BACK_PRESSURE = frozenset({429, 503, None})
@@ -258,12 +261,13 @@ class Delivery:
 
     def shutdown(self, timeout_s: float) -> None:
         """Flush for at most `timeout_s`, then stop: what is left, queued or still in flight,
-        is counted as ``dropped.shutdown`` (an in-flight POST may land all the same)."""
+        stays in a durable store, else is counted as ``dropped.shutdown`` (an in-flight POST
+        may land all the same)."""
         if self._shutdown:
             return
         self.force_flush(timeout_s)
         self._shutdown = True
-        left = self._queue.close()
+        left = self._queue.close(keep=True)
         self._wake.set()  # senders in a backoff sleep give up now
         if left:
             self._stats.add("dropped.shutdown", len(left))
@@ -297,7 +301,10 @@ class Delivery:
             if fate != "delivered" and self.on_drop is not None:
                 # Before `ack`, so a flush that sees the failure also sees its keys unsent.
                 self.on_drop(entry.request_id, entry.metadata)
-            queue.ack(entry, fate == "delivered", functools.partial(self._stats.add, fate))
+            # The key's refusal (401) is not the record's fault either.
+            keep = fate in _KEPT_FATES or (fate == "dropped.rejected" and self._key_rejected)
+            queue.ack(entry, fate == "delivered", functools.partial(self._stats.add, fate),
+                      keep=keep)
             with pool:
                 # Far above a lowered limit: end (not just above it: a limit that halves and
                 # grows back would start and end threads all the time, at ~100 µs each).

@@ -50,6 +50,9 @@ _MIN_FOLLOWUP_HORIZON_S = 60.0
 
 # Emit returns False when the record was refused (queue full): its keys then count as unsent.
 Emit = Callable[[RequestId, dict[str, str]], bool]
+# Told of a request joined but not posted yet, with what is known of it (a durable store writes
+# it down, so a crash before its trace is released still delivers that).
+Hold = Callable[[RequestId, dict[str, str]], None]
 # Local roots that ended alone, remembered for `max_wait_s` in case a request below them ends late.
 MAX_REMEMBERED_ROOTS = 65_536
 # Parent links remembered for spans outside held traces: two generations of this many each.
@@ -103,9 +106,12 @@ class TraceJoin:
         max_wait_s: float,
         stats: Stats,
         required: tuple[str, ...] = (),
+        hold: Hold | None = None,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
+        """`hold`: told of each request span recorded but not posted at once (None: nobody)."""
         self._emit = emit
+        self._hold = hold
         self._required = required
         self._static = dict(static)
         self._max_traces = max_traces
@@ -290,8 +296,13 @@ class TraceJoin:
         elif span.request_ids:
             if trace.phase is self._early or self._root_ended(trace, span):
                 self._post(trace, span)
-            elif trace.phase is self._lingering:  # under another, still open, local root
-                self._move(tid, trace, self._waiting, self._clock() + self._wait)
+            else:
+                if self._hold is not None:  # written down with what is known so far
+                    known = {key: value for key, (value, _) in self._merge(trace, span).items()}
+                    for request_id in span.request_ids:
+                        self._hold(request_id, known)
+                if trace.phase is self._lingering:  # under another, still open, local root
+                    self._move(tid, trace, self._waiting, self._clock() + self._wait)
         elif trace.sent and (span.metadata or span.fallback):
             self._post_late_descendant(trace, span.span_id)
         if (not span.request_ids and not span.local_root and trace.roots

@@ -13,7 +13,7 @@ import logging
 import time
 import weakref
 from collections.abc import Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from opentelemetry.metrics import MeterProvider
 
@@ -30,10 +30,13 @@ from .retry import RetryPolicy
 from .stats import Stats
 from .transport import Transport
 
+if TYPE_CHECKING:
+    from .spool import SpoolQueue
+
 _logger = logging.getLogger("otel_metadata")
 
-# Counters worth a line at shutdown when not zero.
-_TROUBLE = ("dropped", "rejected", "ignored", "truncated", "errors")
+# Counters worth a line at shutdown when not zero (`spooled`: kept for the next process).
+_TROUBLE = ("dropped", "rejected", "ignored", "truncated", "errors", "spooled")
 
 _live: weakref.WeakSet[Pipeline] = weakref.WeakSet()
 
@@ -52,11 +55,13 @@ class Pipeline:
         self._retry = retry
         self._is_shutdown = False
         self._flushed_losses = 0  # `stats.losses` when the previous flush returned
+        self._spool: SpoolQueue | None = None  # the store, when it is durable
         self.delivery = Delivery(self._store(), self._transport(), s, self.counters, retry)
         self.join = TraceJoin(self.delivery.submit, static=map_values(s.metadata, self.rules,
                               self.counters), max_traces=s.max_traces,
                               max_wait_s=s.max_trace_wait_s, stats=self.counters,
-                              required=s.required_keys)
+                              required=s.required_keys,
+                              hold=self._hold if s.spool_dir else None)
         self.delivery.on_drop = self.join.unsend
         self.intake = Intake(self.join, self.rules, self.counters, max_wait_s=s.max_trace_wait_s)
         self.intake.store_full = lambda: len(self.delivery) >= s.max_queue_size
@@ -71,8 +76,24 @@ class Pipeline:
         _live.add(self)
 
     def _store(self) -> RecordStore:
+        """In memory, or a spool file of this process's own in `spool_dir` (in a forked child
+        too: the spool disowns the parent's file there), which adopts on a timer of its own."""
         s = self.settings
-        return RecordQueue(s.max_queue_size, s.max_export_batch_size, s.schedule_delay_s)
+        if not s.spool_dir:
+            return RecordQueue(s.max_queue_size, s.max_export_batch_size, s.schedule_delay_s)
+        from .spool import ADOPT_EVERY_S, SpoolQueue  # fcntl: not on every platform
+
+        self._spool = SpoolQueue(s.spool_dir, s.max_queue_size, s.max_export_batch_size,
+                                 s.schedule_delay_s, stats=self.counters,
+                                 max_spool_bytes=s.max_spool_bytes, synchronous=s.spool_sync,
+                                 adopt_every_s=ADOPT_EVERY_S)
+        return self._spool
+
+    def _hold(self, request_id: RequestId, metadata: dict[str, str]) -> None:
+        """A request span the join holds: on disk now, with what is known (`SpoolQueue.hold`)."""
+        spool = self._spool
+        if spool is not None:
+            spool.hold(request_id, metadata)
 
     def _transport(self) -> Transport:
         assert self.settings.api_key is not None
@@ -125,7 +146,9 @@ class Pipeline:
         counts = self.stats()
         trouble = {k: v for k, v in counts.items() if k.startswith(_TROUBLE) and v}
         if waiting:
-            trouble["not yet delivered"] = waiting
+            spool = self._spool
+            trouble["kept in the spool" if spool is not None and spool.durable
+                    else "not yet delivered"] = waiting
         if trouble:
             _logger.warning("otel-metadata: %s: %s (delivered %d)", when,
                             ", ".join(f"{k}={v}" for k, v in sorted(trouble.items())),

@@ -72,6 +72,12 @@ class MetadataSpanProcessor(SpanProcessor):
             (``PROMPTLAYER_METADATA_SHUTDOWN_TIMEOUT``, 5000).
         handle_sigterm: flush on SIGTERM, then hand the signal on
             (``PROMPTLAYER_METADATA_HANDLE_SIGTERM``, true).
+        spool_dir: records wait in a SQLite file of this process's own in that directory, so a
+            crash or ``kill -9`` loses none: the next process there delivers them
+            (``PROMPTLAYER_METADATA_SPOOL_DIR``; default none: in memory).
+        max_spool_bytes: the spool's bound (``PROMPTLAYER_METADATA_MAX_SPOOL_BYTES``, 256 MiB).
+        spool_sync: ``normal`` survives the process dying; ``full`` survives power loss too, at
+            an fsync per commit (``PROMPTLAYER_METADATA_SPOOL_SYNC``, normal).
         retry: the retry policy (backoff, jitter).
         meter_provider: where self-metrics go (default: the global meter provider; nothing is
             recorded with the API's no-op one).
@@ -98,6 +104,9 @@ class MetadataSpanProcessor(SpanProcessor):
         required_keys: str | Sequence[str] | None = None,
         shutdown_timeout_millis: float | None = None,
         handle_sigterm: bool | None = None,
+        spool_dir: str | None = None,
+        max_spool_bytes: int | None = None,
+        spool_sync: str | None = None,
         retry: RetryPolicy | None = None,
         meter_provider: MeterProvider | None = None,
     ) -> None:

@@ -15,6 +15,9 @@ Beware: `put` runs on the lineage worker, which must never wait for a lock the s
 hand-off deque; whoever holds the queue's lock next folds the hand-off into the queue, `put`
 itself when the lock is free. Waiting threads (senders, flushes) each park on a lock of their
 own and are woken one at a time, only when there is something for them: never all at once.
+
+A durable store (`spool.SpoolQueue`) subclasses `RecordQueue` through one hook, `_store`, which
+puts the record on disk before it is handed over, and extends `ack`, `flush` and `close`.
 """
 
 from __future__ import annotations
@@ -43,6 +46,7 @@ class Entry:
     enqueued_at: float
     updates: int = 1
     abandoned: bool = False  # still in flight when the queue closed: already counted as failed
+    last_seq: int = 0  # a durable store's version of the newest update in it (memory: 0)
 
 
 class _Parked:
@@ -84,8 +88,10 @@ class RecordStore(Protocol):
     def take(self) -> Entry | None:
         """Block until a record is due and hand it out; None once closed."""
 
-    def ack(self, entry: Entry, delivered: bool, account: Callable[[], None]) -> None:
-        """The POST for `entry` settled: delivered, or refused / given up on for good."""
+    def ack(self, entry: Entry, delivered: bool, account: Callable[[], None],
+            keep: bool = False) -> None:
+        """The POST for `entry` settled: delivered, or refused / given up on. `keep`: not for
+        good (retries ran out, the key was rejected): a durable store keeps it for later."""
 
     def flush(self, deadline: float) -> bool:
         """Make everything put so far due; True once all of it was delivered by `deadline`."""
@@ -98,8 +104,9 @@ class RecordStore(Protocol):
         """Records waiting or in flight."""
 
 
-# A record handed to `put` (metadata None: one refused, for the next flush to tell).
-_Handed = tuple[RequestId, "dict[str, str] | None"]
+# A record handed to `put`: request ID, metadata (None: one refused, for the next flush to
+# tell), the store's version of it (`Entry.last_seq`).
+_Handed = tuple[RequestId, "dict[str, str] | None", int]
 
 
 class RecordQueue:
@@ -150,16 +157,24 @@ class RecordQueue:
                             and request_id not in self._pending):
             self.put_failed()
             return False
-        self._hand((request_id, metadata))
+        if not self._store(request_id, metadata):
+            self.put_failed()
+            return False
         # A sender must look if none is timing the next entry's delay, or once a batch is full.
         if self._idle and (not self._timer or
                            len(self._pending) + len(self._handed) >= self._max_batch):
             self._wake_sender()
         return True
 
+    def _store(self, request_id: RequestId, metadata: dict[str, str]) -> bool:
+        """Hand the record over (False: refuse it). A durable store writes it to disk first,
+        and hands it over in the order it wrote it, with its version."""
+        self._hand((request_id, metadata, 0))
+        return True
+
     def put_failed(self) -> None:
         """Account for a record refused before queueing, so the next flush reports it."""
-        self._hand((None, None))  # type: ignore[arg-type]  # a request ID is never None
+        self._hand((None, None, 0))  # type: ignore[arg-type]  # a request ID is never None
 
     def _hand(self, item: _Handed) -> None:
         """Append to the hand-off; fold it in at once if the lock is free (never waits)."""
@@ -182,7 +197,7 @@ class RecordQueue:
         """Move what `put` handed over into the queue (inside the lock)."""
         handed, pending, now = self._handed, self._pending, self._clock()
         while handed:
-            request_id, metadata = handed.popleft()
+            request_id, metadata, version = handed.popleft()
             self._seq += 1
             if metadata is None:
                 self._fail(self._seq)
@@ -191,8 +206,10 @@ class RecordQueue:
             if entry is not None:
                 entry.metadata.update(metadata)
                 entry.updates += 1
+                entry.last_seq = version
             else:
-                pending[request_id] = Entry(request_id, dict(metadata), self._seq, now)
+                pending[request_id] = Entry(request_id, dict(metadata), self._seq, now,
+                                            last_seq=version)
 
     # -- senders --
 
@@ -253,8 +270,10 @@ class RecordQueue:
             return entry if due_in <= 0 else due_in  # later entries are due later
         return None
 
-    def ack(self, entry: Entry, delivered: bool, account: Callable[[], None]) -> None:
-        """The POST for `entry` finished: delivered, or failed for good.
+    def ack(self, entry: Entry, delivered: bool, account: Callable[[], None],
+            keep: bool = False) -> None:
+        """The POST for `entry` finished: delivered, or failed (`keep`: not for good; memory
+        cannot keep anything past the process, so here it is the same).
 
         `account` (the caller's counting) runs under the lock, unless `close` gave the entry up
         first (and the caller counted it then): so every entry is counted exactly once, and
