@@ -87,6 +87,16 @@ def _terminate(proc: subprocess.Popen[str], timeout: float = 30) -> tuple[float,
 ALL = {rid: {"user_id": f"user-{rid}"} for rid in range(1, REQUESTS + 1)}
 
 
+def _ready(script: str, server: TrackMetadataServer) -> subprocess.Popen[str]:
+    """A Python process running `script`, once it printed "ready" (its processor is built)."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("OTEL_", "PROMPTLAYER_"))}
+    env.update(PROMPTLAYER_API_KEY=API_KEY, PROMPTLAYER_BASE_URL=server.base_url)
+    proc = subprocess.Popen([sys.executable, "-c", script], env=env, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    assert proc.stdout is not None and proc.stdout.readline() == "ready\n"
+    return proc
+
+
 @pytest.mark.parametrize("kind", ["uvicorn", "gunicorn"])
 def test_sigterm_right_after_the_last_request_delivers_every_request(
     kind: str, server: TrackMetadataServer, start_app: object,
@@ -167,11 +177,7 @@ with provider.get_tracer("t").start_as_current_span("llm") as span:
 print("ready", flush=True)
 time.sleep(60)
 """
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("OTEL_", "PROMPTLAYER_"))}
-    env.update(PROMPTLAYER_API_KEY=API_KEY, PROMPTLAYER_BASE_URL=server.base_url)
-    proc = subprocess.Popen([sys.executable, "-c", script], env=env, text=True,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    assert proc.stdout is not None and proc.stdout.readline() == "ready\n"
+    proc = _ready(script, server)
     _, _, stderr = _terminate(proc)
     assert proc.returncode == -signal.SIGTERM, stderr  # the default action still happens
     assert server.metadata == {1: {"user_id": "u"}}
@@ -187,11 +193,7 @@ TracerProvider().add_span_processor(MetadataSpanProcessor())
 print("ready", flush=True)
 time.sleep(60)
 """
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("OTEL_", "PROMPTLAYER_"))}
-    env.update(PROMPTLAYER_API_KEY=API_KEY, PROMPTLAYER_BASE_URL=server.base_url)
-    proc = subprocess.Popen([sys.executable, "-c", script], env=env, text=True,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    assert proc.stdout is not None and proc.stdout.readline() == "ready\n"
+    proc = _ready(script, server)
     _, stdout, _ = _terminate(proc)
     assert proc.returncode == 3
     assert stdout == "app handler\n"
