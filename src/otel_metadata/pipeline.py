@@ -52,9 +52,8 @@ class Pipeline:
         self.counters = Stats()
         self.rules = MappingRules(s.request_id_attributes, s.extra_attributes,
                                   s.max_value_length, chosen(s.conventions))
-        self._retry = retry
         self._is_shutdown = False
-        self._flushed_losses = 0  # `stats.losses` when the previous flush returned
+        self._flushed_losses = 0  # `counters.losses` when the previous flush returned
         self._spool: SpoolQueue | None = None  # the store, when it is durable
         self.delivery = Delivery(self._store(), self._transport(), s, self.counters, retry)
         self.join = TraceJoin(self.delivery.submit, static=map_values(s.metadata, self.rules,
