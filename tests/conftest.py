@@ -87,6 +87,12 @@ def request_in(p: Pipeline, ctx: Any, request_id: int | str = 1) -> None:
         otel_context.detach(token)
 
 
+def wait_until(condition: Callable[[], object], what: str = "", timeout: float = 10.0) -> None:
+    """`wait_for`, failing the test (saying `what` it waited for) at the deadline."""
+    if not wait_for(condition, timeout):
+        pytest.fail(f"timed out waiting for {what or condition}")
+
+
 def send(p: Pipeline, request_id: int | str, metadata: Mapping[str, Any]) -> None:
     """End one request span (its own trace) carrying `metadata` as promptlayer.metadata.*."""
     with p.tracer.start_as_current_span("llm") as span:

@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import API_KEY
+from conftest import API_KEY, wait_until
 
 from otel_metadata import drain
 from otel_metadata.testing.track_metadata import Faults, TrackMetadataServer
@@ -83,17 +83,11 @@ def apps() -> Iterator[list[App]]:
             app.kill()
 
 
-def poll(condition: Callable[[], bool], what: str) -> None:
-    deadline = time.monotonic() + DEADLINE_S
-    while not condition():
-        assert time.monotonic() < deadline, what
-        time.sleep(0.02)
-
-
 def assert_newest_arrived(server: TrackMetadataServer) -> None:
     """Every request's newest values arrived, and round 2 was never followed by round 1."""
-    poll(lambda: server.metadata == EXPECTED,
-         f"not all arrived: {sum(server.metadata.get(r) == v for r, v in EXPECTED.items())}")
+    wait_until(lambda: server.metadata == EXPECTED,
+               f"not all arrived: {sum(server.metadata.get(r) == v for r, v in EXPECTED.items())}",
+               timeout=DEADLINE_S)
     last: dict[Any, str] = {}
     for post in server.accepted():
         rnd = post.metadata.get("round")
@@ -126,7 +120,8 @@ def test_kill_9_then_restart_delivers_every_accepted_record_newest_value(
     app = App(tmp_path, server, "send", delay_ms)
     apps.append(app)
     app.wait_for("round 2")  # every record was accepted, so on disk
-    poll(lambda: reached(server), f"the server never got to {point!r}")
+    wait_until(lambda: reached(server), f"the server never got to {point!r}",
+               timeout=DEADLINE_S)
     app.kill()
     server.faults = restart_faults()
     apps.append(App(tmp_path, server, "restart"))

@@ -17,7 +17,6 @@ import socket
 import subprocess
 import sys
 import threading
-import time
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -25,7 +24,7 @@ from typing import Any
 import grpc
 import pytest
 import requests
-from conftest import API_KEY, FAST_RETRY
+from conftest import API_KEY, FAST_RETRY, wait_until
 from google.protobuf import json_format
 from google.rpc import error_details_pb2, status_pb2
 from hypothesis import HealthCheck, given, settings
@@ -56,18 +55,6 @@ APPS = Path(__file__).parent / "serve_apps"
 EXPORT = "/opentelemetry.proto.collector.trace.v1.TraceService/Export"
 PROTOBUF = {"Content-Type": "application/x-protobuf"}
 JSON = {"Content-Type": "application/json"}
-
-
-def wait_for(condition: Callable[[], Any], timeout: float = 10.0, what: str = "") -> Any:
-    """Poll `condition` until it is truthy; fail after `timeout` seconds."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = condition()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            pytest.fail(f"timed out waiting for {what or condition}")
-        time.sleep(0.02)
 
 
 # -- spans as the SDK makes them, and their OTLP encodings --
@@ -370,7 +357,7 @@ def test_json_body_over_http(receive: Callable[..., Receiving],
     assert answer.status_code == 200
     assert answer.headers["Content-Type"] == "application/json"
     assert answer.json() == {}  # no partial success: everything taken
-    wait_for(lambda: 501 in server.metadata, what="the request's metadata")
+    wait_until(lambda: 501 in server.metadata, what="the request's metadata")
     assert server.metadata[501] == {"user_id": "ana"}  # from its parent; never the prompt
 
 
@@ -384,7 +371,7 @@ def test_gzip_from_the_real_http_exporter_and_gzip_json(
     answer = requests.post(r.traces_url, data=body, timeout=10,
                            headers={**JSON, "Content-Encoding": "gzip"})
     assert answer.status_code == 200
-    wait_for(lambda: {511, 512} <= set(server.metadata), what="both requests")
+    wait_until(lambda: {511, 512} <= set(server.metadata), what="both requests")
     assert server.metadata[511] == {"user_id": "bo"} and server.metadata[512] == {"user_id": "cy"}
 
 
@@ -395,7 +382,7 @@ def test_the_real_grpc_exporter_with_gzip(receive: Callable[..., Receiving],
                             compression=grpc.Compression.Gzip)
     assert exporter.export(request_trace(521, "di")) is SpanExportResult.SUCCESS
     exporter.shutdown()
-    wait_for(lambda: 521 in server.metadata, what="the request")
+    wait_until(lambda: 521 in server.metadata, what="the request")
     assert server.metadata[521] == {"user_id": "di"}
 
 
@@ -459,7 +446,7 @@ def test_grpc_takes_requests_up_to_20_mib(receive: Callable[..., Receiving],
     with pytest.raises(grpc.RpcError) as refused:
         r.grpc_export(protobuf_body(request_trace(582, big="x" * MAX_BODY)))
     assert refused.value.code() is grpc.StatusCode.RESOURCE_EXHAUSTED
-    wait_for(lambda: 581 in server.metadata, what="the 5 MiB request")
+    wait_until(lambda: 581 in server.metadata, what="the 5 MiB request")
     assert server.metadata[581] == {"user_id": "gus"}
 
 
@@ -488,7 +475,7 @@ def test_partial_success_over_http_json_and_grpc(receive: Callable[..., Receivin
     raw, _ = r.grpc_export(_with_a_bad_span(543).SerializeToString())
     assert ExportTraceServiceResponse.FromString(raw).partial_success.rejected_spans == 1
 
-    wait_for(lambda: {541, 542, 543} <= set(server.metadata), what="the three requests")
+    wait_until(lambda: {541, 542, 543} <= set(server.metadata), what="the three requests")
     assert all(server.metadata[i] == {"user_id": "ed"} for i in (541, 542, 543))
 
 
@@ -513,13 +500,13 @@ def test_backpressure_the_real_exporter_retries(receive: Callable[..., Receiving
     exporter: Any = (HttpExporter(endpoint=r.traces_url, timeout=20) if protocol == "http"
                      else GrpcExporter(endpoint=r.grpc_target, insecure=True, timeout=20))
     thread, result = _export_in_thread(exporter, request_trace(551, "flo"))
-    wait_for(lambda: r.serve.receiver.counts()["busy_refusals"] >= 1, what="a refusal")
+    wait_until(lambda: r.serve.receiver.counts()["busy_refusals"] >= 1, what="a refusal")
     assert r.serve.receiver.counts()["accepted_spans"] == 0
     pipeline.open.set()
     thread.join(30)
     assert result == [SpanExportResult.SUCCESS]
     exporter.shutdown()
-    wait_for(lambda: 551 in server.metadata, what="the retried request")
+    wait_until(lambda: 551 in server.metadata, what="the retried request")
     assert server.metadata[551] == {"user_id": "flo"}
 
 
@@ -538,13 +525,13 @@ def test_a_full_record_queue_is_backpressure_not_loss(
     assert post(700).status_code == 200
     assert server.waiting.acquire(timeout=10)  # the only sender is stuck on request 700
     assert post(701, 702).status_code == 200  # two records wait: the queue is full
-    wait_for(lambda: r.serve.pipeline.stats()["queued"] == 3, what="the queue to fill")
+    wait_until(lambda: r.serve.pipeline.stats()["queued"] == 3, what="the queue to fill")
     refused = post(800)
     assert refused.status_code == 503 and refused.headers["Retry-After"]
     server.gate.set()
-    wait_for(lambda: len(server.metadata) == 3, what="the first requests")
+    wait_until(lambda: len(server.metadata) == 3, what="the first requests")
     assert post(800).status_code == 200  # the sender's retry, once there is room
-    wait_for(lambda: 800 in server.metadata, what="the retried request")
+    wait_until(lambda: 800 in server.metadata, what="the retried request")
     assert r.serve.pipeline.stats()["dropped.queue_full"] == 0
 
 
@@ -573,7 +560,7 @@ def test_a_request_larger_than_the_hand_off_goes_in_parts(
                            timeout=10)
     assert answer.status_code == 200
     assert not ExportTraceServiceResponse.FromString(answer.content).HasField("partial_success")
-    wait_for(lambda: len(server.metadata) == 15, what="all 15 requests")
+    wait_until(lambda: len(server.metadata) == 15, what="all 15 requests")
     assert server.metadata == {600 + i: {"user_id": f"u{i}"} for i in range(15)}
 
 
@@ -590,9 +577,9 @@ def test_memory_stays_bounded_under_traces_that_never_complete(
         assert answer.status_code == 200
         held.append(r.serve.pipeline.stats()["held_traces"])
     assert max(held) <= 20
-    wait_for(lambda: r.serve.pipeline.stats()["traces_evicted"] >= 280,
+    wait_until(lambda: r.serve.pipeline.stats()["traces_evicted"] >= 280,
              what="the join to evict the oldest traces")
-    wait_for(lambda: len(server.metadata) >= 280, what="the evicted requests' posts")
+    wait_until(lambda: len(server.metadata) >= 280, what="the evicted requests' posts")
     assert server.metadata[1000] == {"conversation_id": "c1000"}
 
 
@@ -687,7 +674,7 @@ def test_fleet_lineage_across_two_services(serve_process: Callable[..., ServePro
                         f"http://127.0.0.1:{b_port}"], env=env, check=True, timeout=60)
     finally:
         b.communicate("", timeout=30)
-    wait_for(lambda: {101, 102} <= set(server.metadata), what="both requests")
+    wait_until(lambda: {101, 102} <= set(server.metadata), what="both requests")
     # tier: B's resource (the request spans' own); env: serve's own resource is not used.
     assert server.metadata[101] == {"user_id": "alice", "step": "first", "tier": "b"}
     assert server.metadata[102] == {"user_id": "alice", "tier": "b"}
@@ -701,7 +688,7 @@ def test_sigterm_flushes_and_exits_0(serve_process: Callable[..., ServeProcess],
     exporter = HttpExporter(endpoint=f"http://127.0.0.1:{serve.http_port}/v1/traces")
     assert exporter.export(request_trace(701, root=False)) is SpanExportResult.SUCCESS
     exporter.shutdown()
-    wait_for(lambda: serve.health()["accepted_spans"] == 1, what="the span taken")
+    wait_until(lambda: serve.health()["accepted_spans"] == 1, what="the span taken")
     assert 701 not in server.metadata
     code, out = serve.stop()
     assert code == 0, out
