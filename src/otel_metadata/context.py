@@ -99,11 +99,6 @@ def context_values(context: Context | None = None) -> Mapping[str, str]:
     return cast(Mapping[str, str], values) if values is not None else _EMPTY
 
 
-def baggage_entries(context: Context | None) -> Mapping[str, object]:
-    """The baggage of `context` (default: current), without copying it."""
-    return baggage.get_all(context)
-
-
 class metadata_context:  # noqa: N801 - named like the context managers of contextlib
     """Metadata for every request span started inside: a context manager and a decorator.
 
