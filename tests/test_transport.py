@@ -16,9 +16,8 @@ import socket
 import socketserver
 import ssl
 import sys
-import threading
 from collections.abc import Iterator
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
@@ -28,6 +27,7 @@ import trustme
 from conftest import API_KEY
 
 from otel_metadata.stats import Stats
+from otel_metadata.testing._http import LocalServer
 from otel_metadata.testing.track_metadata import PATH, TrackMetadataServer
 from otel_metadata.transport import CA_BUNDLE_VARS, Transport
 
@@ -86,45 +86,36 @@ def https_endpoint(server: TrackMetadataServer) -> str:
     return server.base_url.replace("http://", "https://") + PATH
 
 
-class Proxy:
+class Proxy(LocalServer):
     """An HTTP proxy on 127.0.0.1: tunnels CONNECT (https), forwards absolute-form requests
     (plain http). `seen` holds each request line and its headers (names lower-cased)."""
 
     def __init__(self, tls: ssl.SSLContext | None = None) -> None:
+        super().__init__()
         self.seen: list[tuple[str, dict[str, str]]] = []
-        self._stopping = threading.Event()
-        owner = self
-
-        class Handler(_ProxyHandler):
-            proxy = owner
-
-        self._httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self._httpd.daemon_threads = True
+        self.start()
+        assert self._httpd is not None
         if tls is not None:
             serve_tls(self._httpd, tls)
-        scheme = "https" if tls else "http"
-        self.url = f"{scheme}://127.0.0.1:{self._httpd.server_address[1]}"
-        threading.Thread(target=self._httpd.serve_forever, args=(0.05,), daemon=True).start()
+        self.url = self.base_url.replace("http://", "https://") if tls else self.base_url
 
     def lines(self) -> list[str]:
         """Method and target of each request (http.client sends CONNECT as HTTP/1.0)."""
         return [line.rsplit(" ", 1)[0] for line, _ in self.seen]
 
     def close(self) -> None:
-        self._stopping.set()
-        self._httpd.shutdown()
-        self._httpd.server_close()
+        self.stop()
 
 
 class _ProxyHandler(BaseHTTPRequestHandler):
-    proxy: Proxy
+    owner: Proxy
     protocol_version = "HTTP/1.1"
 
     def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - the base's name
         pass
 
     def _note(self) -> None:
-        self.proxy.seen.append((self.requestline, {k.lower(): v for k, v in self.headers.items()}))
+        self.owner.seen.append((self.requestline, {k.lower(): v for k, v in self.headers.items()}))
 
     def do_CONNECT(self) -> None:  # noqa: N802 - http.server's naming
         self._note()
@@ -142,7 +133,7 @@ class _ProxyHandler(BaseHTTPRequestHandler):
         with selectors.DefaultSelector() as selector:
             selector.register(self.connection, selectors.EVENT_READ, upstream)
             selector.register(upstream, selectors.EVENT_READ, self.connection)
-            while not self.proxy._stopping.is_set():
+            while not self.owner._stopping.is_set():
                 for key, _ in selector.select(0.05):
                     source: socket.socket = key.fileobj  # type: ignore[assignment]
                     while True:
@@ -376,3 +367,6 @@ def test_the_key_is_in_no_log_line_repr_or_outcome(
     shown = caplog.text + "".join(repr(t) + str(t) for t in (wrong, untrusted, ok))
     shown += "".join(repr(o) for o in outcomes)
     assert API_KEY not in shown and "pl-wrong-but-secret-4f9a2c" not in shown
+
+
+Proxy.handler = _ProxyHandler

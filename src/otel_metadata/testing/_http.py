@@ -65,10 +65,11 @@ class JSONHandler(BaseHTTPRequestHandler):
 class LocalServer:
     """Start with ``with Server() as srv:`` (or start()/stop()); `base_url` is where it listens.
 
-    Subclasses set `handler` (a `JSONHandler` subclass) and may set `path_prefix`.
+    Subclasses set `handler` (a request handler, usually a `JSONHandler`, given `owner`) and
+    may set `path_prefix`.
     """
 
-    handler: type[JSONHandler]
+    handler: type[BaseHTTPRequestHandler]
     path_prefix = ""
 
     def __init__(self) -> None:
