@@ -1,38 +1,46 @@
-"""Delivery: sender threads that drain the record queue over HTTP (SPEC §7).
+"""Delivery: one thread that drains the record queue over HTTP (SPEC §7).
 
-Like the SDK's batch processor: a bounded queue, worker threads, flush and shutdown with
+Like the SDK's batch processor: a bounded queue, one worker thread, flush and shutdown with
 timeouts, and a fresh start after `os.fork()`. Unlike it: many POSTs in flight (there is no bulk
 endpoint), retries with backoff, and `force_flush` honours its timeout.
 
-How many POSTs are in flight follows the load and the API's answers (`AdaptiveConcurrency`):
-never more than the records due, nor than a limit that halves when the API pushes back (429,
-503, a timeout, rising latency) and grows by one per round trip while it does not, up to
-`max_concurrency`. urllib3 blocks a thread per POST, so the sender threads grow with the work
-(one more whenever every sender is busy, up to the limit) and end when they are four times
-the limit; idle senders sleep on a lock of their own and cost nothing (64 idle: 0.06 ms CPU in 5 s).
+Every POST in flight is a non-blocking connection on one `selectors` loop, not a thread
+blocked in a socket call: on this kind of machine a thread's wake-up costs 25-125 µs of CPU
+(more when the app's thread holds the GIL), so a thread per POST cost more than the POST
+itself; one loop wakes once for every answer that has arrived. Retries wait on a timer heap in
+the same loop. How many POSTs are in flight follows the load and the API's answers
+(`AdaptiveConcurrency`): never more than the records due, nor than a limit that halves when the
+API pushes back (429, 503, a timeout, rising latency) and grows by one per round trip while it
+does not, up to `max_concurrency`.
 
-Plain daemon threads, not a `concurrent.futures` pool: a pool refuses work once the interpreter
-is shutting down, which is exactly when the provider's exit hook flushes, and Python 3.12+
-refuses to start threads then. So the first sender is started up front and never ends before
-shutdown; the others are extra hands when they can be had.
+A plain daemon thread, not a `concurrent.futures` pool: a pool refuses work once the
+interpreter is shutting down, which is exactly when the provider's exit hook flushes, and
+Python 3.12+ refuses to start threads then; the thread is started up front.
 """
 
 from __future__ import annotations
 
 import functools
+import heapq
+import itertools
 import logging
-import math
+import selectors
+import socket
 import threading
 import time
 import traceback
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 from .config import Settings
 from .mapping import RequestId
-from .queue import Entry, RecordStore
+from .queue import MAX_WAIT_S, Entry, RecordStore
 from .retry import RetryPolicy
 from .stats import Stats
 from .transport import Outcome, Transport
+
+if TYPE_CHECKING:
+    from .transport import Connection
 
 _logger = logging.getLogger("otel_metadata")
 
@@ -62,92 +70,55 @@ class AdaptiveConcurrency:
     once per round trip (one overload answered by every POST in flight is one signal, not
     many). The usual round trip is a moving average of the windows' means.
 
-    Below the limit, POSTs in flight are also kept to what can help (`useful`): urllib3 holds a
-    thread per POST, and threads only help while they wait on the network, not for the GIL. A
-    POST that costs `cpu` seconds of CPU and waits `min_rtt - cpu` for the answer keeps
-    ``1 + (min_rtt - cpu) / cpu`` of them busy (the round trip's bandwidth-delay product, as BBR
-    reckons it): 2 against a local API that answers in 0.3 ms, where 64 would only contend for
-    the GIL (twice the CPU per record), and above 64 at a 50 ms round trip. The smallest round
-    trip of the last 10-20 s is taken, as our own threads' contention only ever adds to it.
+    Used by delivery's one loop thread only: no lock.
     """
 
     rtt_tolerance = 2.0
-    # ... and by at least one GIL switch interval: a local API's 0.3 ms doubles whenever a
-    # sender waits for the GIL, which says nothing about the API (25 ms: 2 halvings in 10 s at
-    # 200 records/s to a local server, 2 ms: 35, none: 91; the CPU a POST costs moves with it).
+    # ... and by at least a few milliseconds: a local API's 0.3 ms doubles whenever the loop
+    # waits for the GIL, which says nothing about the API.
     rtt_margin_s = 0.005
-    rtt_smoothing = 0.1  # weight of the latest window in the usual round trip (and the CPU's)
-    min_rtt_period_s = 10.0
+    rtt_smoothing = 0.1  # weight of the latest window in the usual round trip
 
     def __init__(self, maximum: int, clock: Callable[[], float] = time.monotonic) -> None:
         self.maximum = maximum
         self.limit = maximum
         self.in_flight = 0
         self._clock = clock
-        self._cond = threading.Condition(threading.Lock())
         self._usual_rtt: float | None = None
         self._window_end = 0.0
         self._window_sum = 0.0
         self._window_n = 0
         self._reached = False
         self._calm_until = 0.0  # no second decrease before one round trip after the last
-        self.useful = maximum
-        self._cpu: float | None = None  # CPU seconds a POST costs (moving average)
-        self._min_rtt = [float("inf"), float("inf")]  # this period's and the last one's
-        self._period_end = 0.0
 
     @property
-    def allowed(self) -> int:
-        """POSTs that may be in flight now."""
-        return min(self.limit, self.useful)
+    def room(self) -> bool:
+        """Whether one more POST may start now."""
+        return self.in_flight < self.limit
 
     def acquire(self) -> float:
-        """Wait for room under the limit, take it; returns when (for `release`)."""
-        with self._cond:
-            while self.in_flight >= min(self.limit, self.useful):
-                self._cond.wait()
-            self.in_flight += 1
-            if self.in_flight >= self.limit:
-                self._reached = True
+        """Take room for a POST (the caller checked `room`); returns when (for `release`)."""
+        self.in_flight += 1
+        if self.in_flight >= self.limit:
+            self._reached = True
         return self._clock()
 
-    def release(self, started: float, status: int | None, cpu: float = 0.0) -> None:
-        """A POST that `acquire` let through ended with `status` (None: no answer), having
-        cost this thread `cpu` seconds of CPU."""
+    def release(self, started: float, status: int | None) -> None:
+        """A POST that `acquire` let through ended with `status` (None: no answer)."""
         now = self._clock()
-        rtt = now - started
-        with self._cond:
-            self.in_flight -= 1
-            if status in _BACK_PRESSURE:
-                if now >= self._calm_until:
-                    self._decrease(now, rtt)
-            else:
-                self._window_sum += rtt
-                self._window_n += 1
-                if now >= self._window_end:
-                    self._end_window(now)
-                if cpu > 0:
-                    self._reckon_useful(now, rtt, cpu)
-            self._cond.notify()
-
-    def _reckon_useful(self, now: float, rtt: float, cpu: float) -> None:
-        average = self._cpu = cpu if self._cpu is None else (
-            self._cpu + self.rtt_smoothing * (cpu - self._cpu))
-        if now >= self._period_end:
-            self._min_rtt = [float("inf"), self._min_rtt[0]]
-            self._period_end = now + self.min_rtt_period_s
-        self._min_rtt[0] = min(self._min_rtt[0], rtt)
-        waiting = max(0.0, min(self._min_rtt) - average)
-        useful = min(self.maximum, 1 + math.ceil(waiting / average))
-        if useful > self.useful:
-            self._cond.notify(useful - self.useful)
-        self.useful = useful
+        self.in_flight -= 1
+        if status in _BACK_PRESSURE:
+            if now >= self._calm_until:
+                self._decrease(now, now - started)
+            return
+        self._window_sum += now - started
+        self._window_n += 1
+        if now >= self._window_end:
+            self._end_window(now)
 
     def cancel(self) -> None:
         """Give back room taken by `acquire` without a POST."""
-        with self._cond:
-            self.in_flight -= 1
-            self._cond.notify()
+        self.in_flight -= 1
 
     def _end_window(self, now: float) -> None:
         mean = self._window_sum / self._window_n
@@ -157,7 +128,6 @@ class AdaptiveConcurrency:
             self._decrease(now, mean)
         elif self._reached and self.limit < self.maximum:
             self.limit += 1
-            self._cond.notify()
         self._usual_rtt = mean if usual is None else usual + self.rtt_smoothing * (mean - usual)
         self._new_window(now)
 
@@ -170,6 +140,49 @@ class AdaptiveConcurrency:
         self._window_end = now + (self._usual_rtt or 0.0)
         self._window_sum, self._window_n = 0.0, 0
         self._reached = self.in_flight >= self.limit
+
+
+class _Post:
+    """One record on its way: its tries so far, its deadline, and the connection carrying it."""
+
+    __slots__ = ("entry", "deadline", "tries", "conn", "events", "started", "began")
+
+    def __init__(self, entry: Entry, deadline: float) -> None:
+        self.entry = entry
+        self.deadline = deadline  # the export timeout: no try starts after it
+        self.tries = 0
+        self.conn: Connection | None = None
+        self.events = 0  # what the selector watches for on `conn`
+        self.started = 0.0  # `AdaptiveConcurrency.acquire`'s time
+        self.began = 0.0  # perf_counter at the start of this try (for `on_post`)
+
+
+class _Waker:
+    """Wakes the loop out of `select` from another thread: a byte on a socket pair."""
+
+    __slots__ = ("reader", "writer")
+
+    def __init__(self) -> None:
+        self.reader, self.writer = socket.socketpair()
+        self.reader.setblocking(False)
+        self.writer.setblocking(False)
+
+    def wake(self) -> None:
+        try:
+            self.writer.send(b"\0")
+        except OSError:  # full (a wake-up is pending anyway) or closed (shutting down)
+            pass
+
+    def drain(self) -> None:
+        try:
+            while self.reader.recv(4096):
+                pass
+        except OSError:
+            pass
+
+    def close(self) -> None:
+        self.reader.close()
+        self.writer.close()
 
 
 class Delivery:
@@ -203,28 +216,21 @@ class Delivery:
     def _start(self, store: RecordStore, transport: Transport) -> None:
         self._queue = store
         self._transport = transport
-        self._wake = threading.Event()  # set to cut backoff sleeps short at shutdown
         self.concurrency = AdaptiveConcurrency(self._settings.max_concurrency, self._clock)
-        self._pool = threading.Lock()  # guards the two counts below (O(1) work)
-        self._senders = 1
-        self._idle = 0  # senders inside `take`
-        self._spawn(first=True)
-
-    def _spawn(self, first: bool = False) -> None:
-        """Start a sender (counted in `_senders` already); an extra one is given up quietly
-        when no thread can be started (interpreter exit, a thread limit)."""
-        thread = threading.Thread(target=self._run, args=(first,), daemon=True,
-                                  name=f"otel-metadata-sender-{self._senders - 1}")
-        try:
-            thread.start()
-        except RuntimeError:
-            if first:
-                raise
-            with self._pool:
-                self._senders -= 1
+        self._waker = _Waker()
+        self._selector = selectors.DefaultSelector()
+        self._selector.register(self._waker.reader, selectors.EVENT_READ, None)
+        self._posts: set[_Post] = set()  # in flight
+        self._retries: list[tuple[float, int, _Post]] = []  # (when, tie-break, post): a heap
+        self._kept: list[Connection] = []  # open connections with nothing in flight
+        self._tries = itertools.count()
+        self._thread = threading.Thread(target=self._run, name="otel-metadata-sender",
+                                        daemon=True)
+        self._thread.start()
 
     def after_fork(self, store: RecordStore, transport: Transport) -> None:
-        """A forked child: the parent delivers what it queued; this one starts afresh."""
+        """A forked child: the parent delivers what it queued; this one starts afresh (the
+        parent's sockets are left to it)."""
         if not self._shutdown:
             self._start(store, transport)
 
@@ -267,90 +273,170 @@ class Delivery:
             return
         self.force_flush(timeout_s)
         self._shutdown = True
-        left = self._queue.close(keep=True)
-        self._wake.set()  # senders in a backoff sleep give up now
+        left = self._queue.close(keep=True)  # wakes the loop, which closes its connections
         if left:
             self._stats.add("dropped.shutdown", len(left))
+        self._waker.wake()
+        if self._thread is not threading.current_thread():
+            self._thread.join(1.0)
         self._transport.close()
 
-    # -- sender threads --
+    # -- the loop: one thread, every POST in flight on a selector --
 
-    def _run(self, first: bool) -> None:
-        queue, pool, limit = self._queue, self._pool, self.concurrency
-        while True:
-            with pool:
-                self._idle += 1
-            entry = queue.take()
-            with pool:
-                self._idle -= 1
-                # Every sender busy: one more, if the limit allows, for the next record.
-                grow = entry is not None and not self._idle and self._senders < limit.allowed
-                if grow:
-                    self._senders += 1
-            if entry is None:
+    def _run(self) -> None:
+        try:
+            while not self._shutdown:
+                self._turn()
+        finally:
+            for post in self._posts:
+                if post.conn is not None:
+                    post.conn.close()
+            for conn in self._kept:
+                conn.close()
+            self._selector.close()
+            self._waker.close()
+
+    def _turn(self) -> None:
+        """Start what may start, wait for the network (or a timer, or a wake-up), then move
+        every ready POST on."""
+        now = self._clock()
+        limit, retries = self.concurrency, self._retries
+        while retries and retries[0][0] <= now and limit.room:
+            self._try(heapq.heappop(retries)[2], retried=True)
+        due_in: float | None = None
+        while limit.room:
+            got = self._queue.take_nowait(self._waker)
+            if not isinstance(got, Entry):
+                due_in = got
+                break
+            self._begin(got, now)
+        wake = [due_in + now] if due_in is not None else []
+        if retries and limit.room:
+            wake.append(retries[0][0])
+        wake.extend(post.conn.deadline for post in self._posts if post.conn is not None)
+        timeout = max(0.0, min(wake) - self._clock()) if wake else None
+        for key, _ in self._selector.select(None if timeout is None else min(timeout, MAX_WAIT_S)):
+            post = key.data
+            if post is None:
+                self._waker.drain()
+            else:
+                self._advance(post)
+        now = self._clock()
+        for post in [p for p in self._posts if p.conn is not None and p.conn.deadline <= now]:
+            self._settle_try(post, post.conn.timed_out())  # type: ignore[union-attr]
+
+    def _begin(self, entry: Entry, now: float) -> None:
+        post = _Post(entry, now + self._settings.export_timeout_s)
+        if self._key_rejected:
+            self._finish(post, "dropped.unauthorized")
+        else:
+            self._try(post, retried=False)
+
+    def _try(self, post: _Post, retried: bool) -> None:
+        """Start one POST of `post` (room under the limit was checked)."""
+        if self._shutdown:
+            return
+        if self._key_rejected:
+            self._finish(post, "dropped.unauthorized")
+            return
+        if retried:
+            self._stats.add("retried")
+        timeout = min(self._settings.request_timeout_s, post.deadline - self._clock())
+        if not timeout > 0:
+            self._finish(post, "dropped.retries_exhausted")
+            return
+        entry = post.entry
+        request = self._transport.request(entry.request_id, entry.metadata)
+        post.started = self.concurrency.acquire()
+        post.began = time.perf_counter()
+        self._posts.add(post)
+        if isinstance(request, Outcome):  # a request that cannot be sent: no connection needed
+            self._settle_try(post, request)
+            return
+        try:
+            conn = post.conn = self._kept.pop() if self._kept else self._transport.connection()
+            conn.begin(request, timeout)
+            post.events = conn.wants
+            self._selector.register(conn, post.events, post)
+        except Exception as exc:  # never let one record stall the loop
+            self._fail_unexpectedly(post, exc)
+
+    def _advance(self, post: _Post) -> None:
+        conn = post.conn
+        assert conn is not None
+        try:
+            outcome = conn.advance()
+            if outcome is None:
+                if conn.wants != post.events:
+                    post.events = conn.wants
+                    self._selector.modify(conn, post.events, post)
                 return
-            if grow:
-                self._spawn()
-            try:
-                fate = self._deliver(entry)
-            except Exception as exc:  # a bug here must not kill the sender and stall delivery
-                # Formatted and scrubbed by hand: a traceback's messages could quote a header.
-                _logger.error("otel-metadata: unexpected error delivering a record:\n%s",
-                              self._transport.redact("".join(traceback.format_exception(exc))))
-                fate = "dropped.error"
-            if fate != "delivered" and self.on_drop is not None:
-                # Before `ack`, so a flush that sees the failure also sees its keys unsent.
-                self.on_drop(entry.request_id, entry.metadata)
-            # The key's refusal (401) is not the record's fault either.
-            keep = fate in _KEPT_FATES or (fate == "dropped.rejected" and self._key_rejected)
-            queue.ack(entry, fate == "delivered", functools.partial(self._stats.add, fate),
-                      keep=keep)
-            with pool:
-                # Far above a lowered limit: end (not just above it: a limit that halves and
-                # grows back would start and end threads all the time, at ~100 µs each).
-                if not first and self._senders > 4 * limit.allowed:
-                    self._senders -= 1
-                    return
+        except Exception as exc:
+            self._fail_unexpectedly(post, exc)
+            return
+        self._settle_try(post, outcome)
 
-    def _deliver(self, entry: Entry) -> str:
-        """POST `entry` until a 2xx, a refusal, shutdown, or the export timeout runs out.
+    def _fail_unexpectedly(self, post: _Post, exc: Exception) -> None:
+        # Formatted and scrubbed by hand: a traceback's messages could quote a header.
+        _logger.error("otel-metadata: unexpected error delivering a record:\n%s",
+                      self._transport.redact("".join(traceback.format_exception(exc))))
+        self._drop_connection(post, reusable=False)
+        self.concurrency.cancel()
+        self._posts.discard(post)
+        self._finish(post, "dropped.error")
 
-        Returns its fate, the counter to add: ``delivered`` or ``dropped.<reason>``.
-        """
-        deadline = self._clock() + self._settings.export_timeout_s
-        tries = 0
-        while True:
-            if self._key_rejected:
-                return "dropped.unauthorized"
-            started = self.concurrency.acquire()
-            timeout = min(self._settings.request_timeout_s, deadline - self._clock())
-            if not timeout > 0:  # the wait for room took what was left
-                self.concurrency.cancel()
-                return "dropped.retries_exhausted"
-            cpu, began = time.thread_time(), time.perf_counter()
-            outcome = self._transport.post(entry.request_id, entry.metadata, timeout)
-            self.on_post(time.perf_counter() - began, outcome.status, outcome.error)
-            self.concurrency.release(started, outcome.status, time.thread_time() - cpu)
-            tries += 1
-            self._stats.add("posts")
-            if outcome.ok:
-                return "delivered"
-            if not self._retry.is_retryable(outcome.status):
-                self._reject(outcome)
-                return "dropped.rejected"
-            wait = self._retry.backoff(tries - 1, outcome.retry_after)
-            # Sleep only when a retry could still start before the deadline; shutdown wakes us.
-            if not self._shutdown and self._clock() + wait < deadline:
-                _logger.debug("otel-metadata: POST for request %r failed (%s); next try in "
-                              "%.3f s", entry.request_id, _describe(outcome), wait)
-                self._wake.wait(wait)
-                if not self._shutdown and self._clock() < deadline:
-                    self._stats.add("retried")
-                    continue
-            self._stats.warn_once("drop", "exhausted", "otel-metadata: giving up on request %r "
-                                  "after %d tries (last: %s); further such drops are only "
-                                  "counted", entry.request_id, tries, _describe(outcome))
-            return "dropped.retries_exhausted"
+    def _drop_connection(self, post: _Post, reusable: bool) -> None:
+        """Take `post`'s connection off the selector: kept for the next POST, or closed."""
+        conn, post.conn = post.conn, None
+        if conn is None:
+            return
+        try:
+            self._selector.unregister(conn)
+        except (KeyError, ValueError):  # never registered, or its socket already closed
+            pass
+        if reusable and conn.reusable and len(self._kept) < self.concurrency.maximum:
+            self._kept.append(conn)
+        else:
+            conn.close()
+
+    def _settle_try(self, post: _Post, outcome: Outcome) -> None:
+        """One POST of `post` ended: delivered, refused for good, or to be retried."""
+        self._drop_connection(post, reusable=True)
+        self._posts.discard(post)
+        self.on_post(time.perf_counter() - post.began, outcome.status, outcome.error)
+        self.concurrency.release(post.started, outcome.status)
+        post.tries += 1
+        self._stats.add("posts")
+        if outcome.ok:
+            self._finish(post, "delivered")
+            return
+        if not self._retry.is_retryable(outcome.status):
+            self._reject(outcome)
+            self._finish(post, "dropped.rejected")
+            return
+        now = self._clock()
+        wait = self._retry.backoff(post.tries - 1, outcome.retry_after)
+        # Only when a retry could still start before the deadline; shutdown ends the wait.
+        if now + wait < post.deadline:
+            _logger.debug("otel-metadata: POST for request %r failed (%s); next try in %.3f s",
+                          post.entry.request_id, _describe(outcome), wait)
+            heapq.heappush(self._retries, (now + wait, next(self._tries), post))
+            return
+        self._stats.warn_once("drop", "exhausted", "otel-metadata: giving up on request %r "
+                              "after %d tries (last: %s); further such drops are only counted",
+                              post.entry.request_id, post.tries, _describe(outcome))
+        self._finish(post, "dropped.retries_exhausted")
+
+    def _finish(self, post: _Post, fate: str) -> None:
+        """`post` is done with: ``delivered`` or ``dropped.<reason>``, the counter to add."""
+        entry = post.entry
+        if fate != "delivered" and self.on_drop is not None:
+            # Before `ack`, so a flush that sees the failure also sees its keys unsent.
+            self.on_drop(entry.request_id, entry.metadata)
+        # The key's refusal (401) is not the record's fault either.
+        keep = fate in _KEPT_FATES or (fate == "dropped.rejected" and self._key_rejected)
+        self._queue.ack(entry, fate == "delivered", functools.partial(self._stats.add, fate),
+                        keep=keep)
 
     def _reject(self, outcome: Outcome) -> None:
         """A permanent refusal: count it, and log one line per kind (never the key)."""

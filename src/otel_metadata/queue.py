@@ -49,6 +49,12 @@ class Entry:
     last_seq: int = 0  # a durable store's version of the newest update in it (memory: 0)
 
 
+class Waker(Protocol):
+    """Whoever waits for the store: woken (once per wait) when there may be an entry due."""
+
+    def wake(self) -> None: ...
+
+
 class _Parked:
     """A thread waiting for a wake-up of its own: a lock it holds, released by the waker."""
 
@@ -85,8 +91,9 @@ class RecordStore(Protocol):
     def put_failed(self) -> None:
         """Account for a record refused before it reached the store (the next flush says so)."""
 
-    def take(self) -> Entry | None:
-        """Block until a record is due and hand it out; None once closed."""
+    def take_nowait(self, waker: Waker) -> Entry | float | None:
+        """A record due now, marked in flight; else seconds until one is due (None: none
+        pending), `waker` being woken once when that may change sooner. Never blocks."""
 
     def ack(self, entry: Entry, delivered: bool, account: Callable[[], None],
             keep: bool = False) -> None:
@@ -141,8 +148,8 @@ class RecordQueue:
         # small even when every record fails for hours (a rejected key) and nobody flushes.
         self._failed: list[int] = []
         self._flushes: list[_Flush] = []
-        self._idle: deque[_Parked] = deque()  # senders parked in `take`
-        self._timer = False  # one parked sender waits for the next entry's delay (no others)
+        self._idle: deque[Waker] = deque()  # who waits for an entry (`take_nowait`)
+        self._timer = False  # the waiter times the next entry's delay: no wake-up for puts
         self._closed = False
 
     # -- the producer's side: never waits --
@@ -213,49 +220,40 @@ class RecordQueue:
 
     # -- senders --
 
-    def take(self) -> Entry | None:
-        """Block until an entry is due, mark it in flight and return it; None once closed."""
-        me: _Parked | None = None
-        while True:
-            with self._lock:
-                self._fold()
-                due = self._next_due()
-                if isinstance(due, Entry):
-                    del self._pending[due.request_id]
-                    self._inflight[due.request_id] = due
-                    # One more sender looks if the next entry is due, or nobody times it.
-                    if self._pending and (not self._timer
-                                          or isinstance(self._next_due(), Entry)):
-                        self._wake_sender()
-                    return due
-                if self._closed:
-                    return None
-                timed = due is not None and not self._timer
-                if timed:
-                    self._timer = True
-                me = me or _Parked()
-                # Parked before the last look at the hand-off, so a `put` after that look
-                # finds this sender to wake.
-                self._idle.append(me)
-                if self._handed:
-                    self._unpark(me, timed)
-                    continue
-            woken = me.wait(due if timed else None)
-            with self._lock:
-                if timed:
-                    self._timer = False
-                if not woken:
-                    self._unpark(me, False)
+    def take_nowait(self, waker: Waker) -> Entry | float | None:
+        """The entry due now, marked in flight; else seconds until the next one is due (None:
+        nothing pending). Until the caller asks again, `waker` is woken once when that may
+        change sooner: a `put` to an empty queue or of a full batch, a flush, an update freed
+        by an `ack`, `close`."""
+        with self._lock:
+            self._fold()
+            due = self._next_due()
+            if isinstance(due, Entry):
+                del self._pending[due.request_id]
+                self._inflight[due.request_id] = due
+                return due
+            # A caller timing the next entry needs no wake-up for later ones.
+            self._timer = due is not None
+            if waker not in self._idle:
+                self._idle.append(waker)
+            return due
 
-    def _unpark(self, me: _Parked, timed: bool) -> None:
-        """Take `me` back from the idle senders (inside the lock); if a waker popped it first,
-        its wake-up is consumed."""
-        if timed:
-            self._timer = False
-        try:
-            self._idle.remove(me)
-        except ValueError:
-            me.wait(None)  # popped: the wake is on its way, right after the pop
+    def take(self) -> Entry | None:
+        """Block until an entry is due, mark it in flight and return it; None once closed.
+        For one consumer; delivery's event loop uses `take_nowait`."""
+        me = _Parked()
+        while True:
+            due = self.take_nowait(me)
+            if isinstance(due, Entry):
+                return due
+            if self._closed:
+                return None
+            if not me.wait(due):
+                with self._lock:
+                    try:
+                        self._idle.remove(me)
+                    except ValueError:  # popped by a waker just now: consume its wake-up
+                        me.wait(None)
 
     def _next_due(self) -> Entry | float | None:
         """The entry to send now, or how long to wait (None: until woken)."""
