@@ -58,6 +58,9 @@ _KEPT_FATES = frozenset({"dropped.retries_exhausted", "dropped.unauthorized"})
 # plus no answer at all (a timeout, a refused or reset connection).
 _BACK_PRESSURE = frozenset({429, 503, None})
 
+# How often the POSTs in flight are looked over for a timeout (so one may end this late).
+_SWEEP_S = 0.05
+
 
 class AdaptiveConcurrency:
     """How many POSTs may be in flight: additive increase, multiplicative decrease.
@@ -224,6 +227,7 @@ class Delivery:
         self._retries: list[tuple[float, int, _Post]] = []  # (when, tie-break, post): a heap
         self._kept: list[Connection] = []  # open connections with nothing in flight
         self._tries = itertools.count()
+        self._next_sweep = 0.0  # when `_sweep` looks for timed-out POSTs next
         self._thread = threading.Thread(target=self._run, name="otel-metadata-sender",
                                         daemon=True)
         self._thread.start()
@@ -313,7 +317,8 @@ class Delivery:
         wake = [due_in + now] if due_in is not None else []
         if retries and limit.room:
             wake.append(retries[0][0])
-        wake.extend(post.conn.deadline for post in self._posts if post.conn is not None)
+        if self._posts:
+            wake.append(self._next_sweep)
         timeout = max(0.0, min(wake) - self._clock()) if wake else None
         for key, _ in self._selector.select(None if timeout is None else min(timeout, MAX_WAIT_S)):
             post = key.data
@@ -322,6 +327,13 @@ class Delivery:
             else:
                 self._advance(post)
         now = self._clock()
+        if now >= self._next_sweep:
+            self._sweep(now)
+
+    def _sweep(self, now: float) -> None:
+        """End the POSTs whose connect or read timed out. Looked for every `_SWEEP_S`, not on
+        every turn: a timeout is seconds long, the POSTs in flight may be hundreds."""
+        self._next_sweep = now + _SWEEP_S
         for post in [p for p in self._posts if p.conn is not None and p.conn.deadline <= now]:
             self._settle_try(post, post.conn.timed_out())  # type: ignore[union-attr]
 
@@ -356,10 +368,16 @@ class Delivery:
         try:
             conn = post.conn = self._kept.pop() if self._kept else self._transport.connection()
             conn.begin(request, timeout)
-            post.events = conn.wants
-            self._selector.register(conn, post.events, post)
+            # A kept connection takes the request at once: no turn of the loop for that.
+            outcome = conn.advance()
+            if outcome is None:
+                post.events = conn.wants
+                self._selector.register(conn, post.events, post)
+                return
         except Exception as exc:  # never let one record stall the loop
             self._fail_unexpectedly(post, exc)
+            return
+        self._settle_try(post, outcome)
 
     def _advance(self, post: _Post) -> None:
         conn = post.conn

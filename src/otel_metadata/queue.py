@@ -119,8 +119,8 @@ _Handed = tuple[RequestId, "dict[str, str] | None", int]
 class RecordQueue:
     """A bounded map request ID → pending metadata; senders `take` entries when they are due.
 
-    An entry is due when it has waited `delay_s`, when `max_batch` entries are pending, when a
-    flush covers it, or once the queue is closing.
+    An entry is due when it has waited `delay_s`, when it is one of `max_batch` entries pending
+    (the whole batch is then due), when a flush covers it, or once the queue is closing.
     """
 
     def __init__(
@@ -142,7 +142,8 @@ class RecordQueue:
         self._pending: OrderedDict[RequestId, Entry] = OrderedDict()
         self._inflight: dict[RequestId, Entry] = {}
         self._seq = 0  # of the last record folded in
-        self._flush_to = 0
+        self._flush_to = 0  # records up to this one are due: a flush asked
+        self._batch_to = 0  # ... or a full batch
         # Sequence numbers of records that failed and no flush was told of yet. With no flush
         # waiting, only the smallest matters (every later flush covers them all), so this stays
         # small even when every record fails for hours (a rejected key) and nobody flushes.
@@ -258,11 +259,14 @@ class RecordQueue:
     def _next_due(self) -> Entry | float | None:
         """The entry to send now, or how long to wait (None: until woken)."""
         now = self._clock()
-        urgent = self._closed or len(self._pending) >= self._max_batch
+        if len(self._pending) >= self._max_batch:
+            # A full batch goes out whole, as the SDK's batch processor exports one: not one
+            # record per `put` while the queue hovers at the batch size.
+            self._batch_to = self._seq
         for entry in self._pending.values():
             if entry.request_id in self._inflight:
                 continue
-            if urgent or entry.first_seq <= self._flush_to:
+            if self._closed or entry.first_seq <= max(self._flush_to, self._batch_to):
                 return entry
             due_in = entry.enqueued_at + self._delay - now
             return entry if due_in <= 0 else due_in  # later entries are due later
