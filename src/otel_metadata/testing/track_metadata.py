@@ -188,6 +188,9 @@ def validate(
 
 class _Handler(JSONHandler):
     owner: TrackMetadataServer
+    # An answer's head and body leave in one write, as a production server sends a small
+    # answer (`http.server` flushes after each request): not two segments, two client wake-ups.
+    wbufsize = -1
 
     def _reset(self, reason: str) -> None:
         """Record `reason` and reset the connection: a zero linger makes the close send RST."""
