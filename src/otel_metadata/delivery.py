@@ -148,14 +148,13 @@ class AdaptiveConcurrency:
 class _Post:
     """One record on its way: its tries so far, its deadline, and the connection carrying it."""
 
-    __slots__ = ("entry", "deadline", "tries", "conn", "events", "started", "began")
+    __slots__ = ("entry", "deadline", "tries", "conn", "started", "began")
 
     def __init__(self, entry: Entry, deadline: float) -> None:
         self.entry = entry
         self.deadline = deadline  # the export timeout: no try starts after it
         self.tries = 0
         self.conn: Connection | None = None
-        self.events = 0  # what the selector watches for on `conn`
         self.started = 0.0  # `AdaptiveConcurrency.acquire`'s time
         self.began = 0.0  # perf_counter at the start of this try (for `on_post`)
 
@@ -367,12 +366,10 @@ class Delivery:
             return
         try:
             conn = post.conn = self._kept.pop() if self._kept else self._transport.connection()
-            conn.begin(request, timeout)
-            # A kept connection takes the request at once: no turn of the loop for that.
-            outcome = conn.advance()
+            # A kept connection takes the request at once: no turn of the loop for that. Until
+            # it ends, the connection keeps itself registered with the selector, for `post`.
+            outcome = conn.begin(request, timeout, self._selector, post)
             if outcome is None:
-                post.events = conn.wants
-                self._selector.register(conn, post.events, post)
                 return
         except Exception as exc:  # never let one record stall the loop
             self._fail_unexpectedly(post, exc)
@@ -385,9 +382,6 @@ class Delivery:
         try:
             outcome = conn.advance()
             if outcome is None:
-                if conn.wants != post.events:
-                    post.events = conn.wants
-                    self._selector.modify(conn, post.events, post)
                 return
         except Exception as exc:
             self._fail_unexpectedly(post, exc)
@@ -404,14 +398,11 @@ class Delivery:
         self._finish(post, "dropped.error")
 
     def _drop_connection(self, post: _Post, reusable: bool) -> None:
-        """Take `post`'s connection off the selector: kept for the next POST, or closed."""
+        """`post`'s exchange ended (the connection is off the selector already): keep the
+        connection for the next POST, or close it."""
         conn, post.conn = post.conn, None
         if conn is None:
             return
-        try:
-            self._selector.unregister(conn)
-        except (KeyError, ValueError):  # never registered, or its socket already closed
-            pass
         if reusable and conn.reusable and len(self._kept) < self.concurrency.maximum:
             self._kept.append(conn)
         else:
