@@ -108,7 +108,7 @@ class ResponseParser:
                     del buf[:2]
                 elif buf[:1] == b"\n":
                     del buf[:1]
-                elif len(buf) < 2 and buf[:1] in (b"", b"\r"):
+                elif buf == b"" or buf == b"\r":
                     return False
                 else:
                     raise MalformedAnswer("chunk not followed by CRLF")

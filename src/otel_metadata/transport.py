@@ -330,13 +330,16 @@ class Connection:
 
     An exchange is `begin`, then `advance` each time the selector reports the connection ready,
     until one of them returns the Outcome; or `timed_out` once `time.monotonic()` passes
-    `deadline`. The connection registers itself with the selector given to `begin` (the key's
-    `data` is the Connection), keeps that registration to what it waits for (`wants`) and to
-    its socket (a kept-alive connection the server closed while idle is reconnected, on a new
-    socket, and the request sent again, once), and unregisters itself when the exchange ends:
-    the loop only selects, calls, and reads `deadline`. After the Outcome, `reusable` says
-    whether it may carry the next request (`begin` again); if not, it is closed already, and a
-    `begin` would connect anew. One exchange at a time, in one thread.
+    `deadline`. The connection registers itself with the selector given to `begin` (with the
+    `data` given there), keeps that registration to what it waits for (`wants`) and to its
+    socket, and unregisters itself when the exchange ends: the loop never registers, modifies
+    or unregisters it, it selects, calls `advance` with `key.data`'s connection, and watches
+    `deadline`. The socket can change under an exchange: a kept-alive connection the server
+    closed while idle (the request could not be sent, or the connection ended before any byte
+    of the answer) is reconnected and the request sent again, once (the API replaces keys, so
+    a repeat is harmless; counted as ``resent`` in the transport's stats). After the Outcome,
+    `reusable` says whether it may carry the next request (`begin` again); if not, it is
+    closed already, and a `begin` would connect anew. One exchange at a time, in one thread.
 
     A new socket resolves the host first (`getaddrinfo`, blocking: the standard library has no
     other; the system caches answers), the first address it gives.
@@ -361,6 +364,8 @@ class Connection:
         self._answered = 0  # exchanges this socket has carried
         self._resent = False
         self._selector: selectors.BaseSelector | None = None
+        self._data: object = None
+        self._outcome: Outcome | None = None  # the last exchange's
         self._watched: socket.socket | None = None
         self._own_selector: selectors.BaseSelector | None = None
 
@@ -372,21 +377,28 @@ class Connection:
         follows that in its registration itself)."""
         return self._sock.fileno() if self._sock is not None else -1
 
-    def begin(self, request: bytes, timeout: float,
-              selector: selectors.BaseSelector) -> Outcome | None:
+    def begin(self, request: bytes, timeout: float, selector: selectors.BaseSelector,
+              data: object = None) -> Outcome | None:
         """Start sending `request` (from `Transport.request`), connecting first if need be; does
-        what it can without blocking. None while the exchange goes on; the Outcome if it ended
-        at once (the host not resolved, a connect refused at once). `timeout` bounds the
-        connect and each read, as `requests` took it."""
+        what it can without blocking. None while the exchange goes on, the connection then
+        registered with `selector`, carrying `data` (this Connection if None); the Outcome if
+        it ended at once (the host not resolved, a connect refused at once, a kept connection
+        that sent and got its whole answer already). `timeout` bounds the connect and each
+        read, as `requests` took it."""
         self._request, self._timeout, self._selector = request, timeout, selector
+        self._data = self if data is None else data
         self._resent = False
+        self._outcome = None
         self.reusable = False
         self.deadline = time.monotonic() + timeout
         return self._start()
 
     def advance(self) -> Outcome | None:
         """The socket is ready: go as far as possible without blocking. The Outcome once the
-        exchange ended (network errors included), else None."""
+        exchange ended (network errors included), else None. Harmless when the socket is not
+        ready after all; after the exchange ended, its Outcome again."""
+        if self._phase in (_CLOSED, _IDLE):
+            return self._outcome
         try:
             return self._progress()
         except (OSError, ValueError) as exc:  # ssl and socket errors; a malformed answer
@@ -404,7 +416,9 @@ class Connection:
         else:
             name, text = "ConnectTimeout", f"connect to {where} timed out"
         self._close_socket()
-        return Outcome(None, error=name, detail=t.redact(f"{text} (timeout={self._timeout:g} s)"))
+        self._outcome = Outcome(None, error=name,
+                                detail=t.redact(f"{text} (timeout={self._timeout:g} s)"))
+        return self._outcome
 
     def close(self) -> None:
         self._close_socket()
@@ -433,7 +447,8 @@ class Connection:
             if self._sock is None:
                 self._open()
                 if self._phase == _CONNECTING:
-                    return self._wait(selectors.EVENT_WRITE)
+                    self._wait(selectors.EVENT_WRITE)
+                    return None
             else:
                 self._send_request()
             return self._progress()
@@ -484,13 +499,21 @@ class Connection:
     def _progress(self) -> Outcome | None:
         while True:
             if self._wbuf and not self._write():
-                return self._wait(selectors.EVENT_WRITE)
+                self._wait(selectors.EVENT_WRITE)
+                return None
             phase = self._phase
             if phase == _CONNECTING:  # writable: connected, or failed
                 assert self._sock is not None
                 error = self._sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
                 if error:
                     raise OSError(error, os.strerror(error))
+                try:
+                    self._sock.getpeername()
+                except OSError as exc:
+                    if exc.errno != errno.ENOTCONN:
+                        raise
+                    self._wait(selectors.EVENT_WRITE)  # not connected yet after all
+                    return None
                 self._next()
                 continue
             if phase == _TLS:
@@ -510,7 +533,8 @@ class Connection:
                     continue
             data = self._receive()
             if data is None:
-                return self._wait(selectors.EVENT_READ)
+                self._wait(selectors.EVENT_READ)
+                return None
             if phase == _TLS:
                 self._layers[-1].incoming.write(data)
                 if self._eof:  # the handshake then fails, saying so
@@ -556,6 +580,7 @@ class Connection:
             self.reusable = True
         else:
             self._close_socket()
+        self._outcome = outcome
         return outcome
 
     def _failed(self, exc: Exception) -> Outcome | None:
@@ -566,6 +591,7 @@ class Connection:
             _logger.debug("otel-metadata: the server closed an idle connection (%s); sending "
                           "again on a new one", exc)
             self._resent = True
+            self._t._stats.add("resent")
             self._close_socket()
             self.deadline = time.monotonic() + self._timeout
             return self._start()
@@ -586,7 +612,8 @@ class Connection:
         detail = t.redact(text, 300)
         if is_tls:
             t._warn_tls(detail, origin)
-        return Outcome(None, error=name, detail=detail)
+        self._outcome = Outcome(None, error=name, detail=detail)
+        return self._outcome
 
     # -- bytes in and out, through the TLS layers --
 
@@ -667,10 +694,10 @@ class Connection:
         """Wait for `events`: the selector is told (registering the current socket)."""
         assert self._selector is not None and self._sock is not None
         if self._watched is None:
-            self._selector.register(self._sock, events, self)
+            self._selector.register(self._sock, events, self._data)
             self._watched = self._sock
         elif events != self.wants:
-            self._selector.modify(self._sock, events, self)
+            self._selector.modify(self._sock, events, self._data)
         self.wants = events
 
     def _unwatch(self) -> None:
