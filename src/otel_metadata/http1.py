@@ -59,7 +59,7 @@ class ResponseParser:
         self.rest = b""
         self.received = 0
         self._state = _HEAD
-        self._buf = bytearray()
+        self._buf = b""  # bytes fed and not yet taken
         self._scanned = 0  # how far the search for the head's end has looked
         self._left = 0  # bytes left in the body or the current chunk
         self._trailers = 0
@@ -78,53 +78,62 @@ class ResponseParser:
         """Take the next bytes of the connection; True once the answer is complete.
         Raises MalformedAnswer."""
         self.received += len(data)
-        buf = self._buf
-        buf += data
+        buf = self._buf + data if self._buf else data
+        pos = 0
         while True:
             state = self._state
             if state == _HEAD:
-                end = self._head_end()
+                end = self._head_end(buf, pos)
                 if end < 0:
-                    if len(buf) > MAX_HEAD:
+                    if len(buf) - pos > MAX_HEAD:
                         raise MalformedAnswer(f"answer head longer than {MAX_HEAD} bytes")
-                    return False
-                self._parse_head(bytes(buf[:end]))
-                del buf[:end]
+                    break
+                self._parse_head(buf[pos:end])
+                pos = end
             elif state in (_LENGTH, _CHUNK):
-                n = min(self._left, len(buf))
-                if self._kept is not None:
-                    self._keep(buf[:n])
-                del buf[:n]
+                n = min(self._left, len(buf) - pos)
+                self._keep(buf, pos, pos + n)
+                pos += n
                 self._left -= n
                 if self._left:
-                    return False
+                    break
                 self._state = _DONE if state == _LENGTH else _CHUNK_END
             elif state == _UNTIL_CLOSE:
-                self._keep(buf)
-                buf.clear()
-                return False
+                self._keep(buf, pos, len(buf))
+                pos = len(buf)
+                break
             elif state == _CHUNK_END:
-                if buf[:2] == b"\r\n":
-                    del buf[:2]
-                elif buf[:1] == b"\n":
-                    del buf[:1]
-                elif buf == b"" or buf == b"\r":
-                    return False
+                if buf.startswith(b"\r\n", pos):
+                    pos += 2
+                elif buf.startswith(b"\n", pos):
+                    pos += 1
+                elif buf[pos:] in (b"", b"\r"):  # its line end still to come
+                    break
                 else:
                     raise MalformedAnswer("chunk not followed by CRLF")
                 self._state = _CHUNK_SIZE
             elif state in (_CHUNK_SIZE, _TRAILERS):
-                line = self._line(buf)
-                if line is None:
-                    return False
+                end = buf.find(b"\n", pos)
+                if end < 0:
+                    if len(buf) - pos > MAX_LINE:
+                        raise MalformedAnswer("chunk-size or trailer line too long")
+                    break
+                line = buf[pos:end].rstrip(b"\r")
+                pos = end + 1
                 if state == _CHUNK_SIZE:
                     self._chunk_size(line)
                 elif not line:
                     self._state = _DONE
+                else:
+                    self._trailers += len(line)
+                    if self._trailers > MAX_HEAD:
+                        raise MalformedAnswer("trailers too long")
             else:  # _DONE
-                self.rest = bytes(buf)
-                buf.clear()
+                self.rest = buf[pos:]
+                self._buf = b""
                 return True
+        self._buf = buf[pos:] if pos < len(buf) else b""
+        return False
 
     def feed_eof(self) -> bool:
         """The connection ended: True if that completes the answer (a body read until close)."""
@@ -132,29 +141,18 @@ class ResponseParser:
             self._state = _DONE
         return self._state == _DONE
 
-    def _head_end(self) -> int:
-        """Where the head ends (after its blank line), or -1 if it has not yet."""
-        buf = self._buf
-        start = self._scanned
-        ends = [i + n for i, n in ((buf.find(b"\n\r\n", start), 3), (buf.find(b"\n\n", start), 2))
-                if i >= 0]
-        self._scanned = max(0, len(buf) - 2)
-        return min(ends) if ends else -1
-
-    def _line(self, buf: bytearray) -> bytes | None:
-        """The next line (without its line end) of a chunk size or trailer, or None for now."""
-        end = buf.find(b"\n")
-        if end < 0:
-            if len(buf) > MAX_LINE:
-                raise MalformedAnswer("chunk-size or trailer line too long")
-            return None
-        line = bytes(buf[:end]).rstrip(b"\r")
-        del buf[: end + 1]
-        if self._state == _TRAILERS:
-            self._trailers += end + 1
-            if self._trailers > MAX_HEAD:
-                raise MalformedAnswer("trailers too long")
-        return line
+    def _head_end(self, buf: bytes, pos: int) -> int:
+        """Where the head that starts at `pos` ends (after its blank line), or -1 if it has not
+        yet; what was searched is not searched again."""
+        start = pos + self._scanned
+        crlf, lf = buf.find(b"\n\r\n", start), buf.find(b"\n\n", start)
+        if crlf < 0 and lf < 0:
+            self._scanned = max(0, len(buf) - pos - 2)
+            return -1
+        self._scanned = 0
+        if lf < 0 or 0 <= crlf < lf:
+            return crlf + 3
+        return lf + 2
 
     def _chunk_size(self, line: bytes) -> None:
         digits = line.split(b";", 1)[0].strip(b" \t")
@@ -163,18 +161,18 @@ class ResponseParser:
         self._left = int(digits, 16)
         self._state = _CHUNK if self._left else _TRAILERS
 
-    def _keep(self, data: bytes | bytearray) -> None:
+    def _keep(self, buf: bytes, start: int, end: int) -> None:
         if self._kept is not None and self._kept_size < MAX_KEPT_BODY:
-            piece = bytes(data[: MAX_KEPT_BODY - self._kept_size])
+            piece = buf[start:min(end, start + MAX_KEPT_BODY - self._kept_size)]
             self._kept.append(piece)
             self._kept_size += len(piece)
 
     def _parse_head(self, raw: bytes) -> None:
-        self._scanned = 0
-        lines = raw.split(b"\n")
-        version, _, rest = lines[0].rstrip(b"\r").partition(b" ")
-        code, _, reason = rest.partition(b" ")
-        if version not in (b"HTTP/1.1", b"HTTP/1.0") or len(code) != 3 or not code.isdigit():
+        lines = raw.decode("latin-1").replace("\r\n", "\n").split("\n")
+        version, _, rest = lines[0].partition(" ")
+        code, _, reason = rest.partition(" ")
+        if version not in ("HTTP/1.1", "HTTP/1.0") or len(code) != 3 or not code.isdigit() \
+                or not code.isascii():
             raise MalformedAnswer(f"bad status line {lines[0][:60]!r}")
         status = int(code)
         if status < 100:
@@ -182,24 +180,23 @@ class ResponseParser:
         headers: dict[str, str] = {}
         name = ""
         for line in lines[1:]:
-            line = line.rstrip(b"\r")
             if not line:
                 continue
-            if line[:1] in b" \t":  # obsolete line folding: part of the previous value
+            if line[0] in " \t":  # obsolete line folding: part of the previous value
                 if not name:
                     raise MalformedAnswer("continuation line before any header")
-                headers[name] += " " + line.strip(b" \t").decode("latin-1")
+                headers[name] += " " + line.strip(" \t")
                 continue
-            key, colon, value = line.partition(b":")
-            if not colon or not key or key != key.strip(b" \t"):
+            key, colon, value = line.partition(":")
+            if not colon or not key or key[0] in " \t" or key[-1] in " \t":
                 raise MalformedAnswer(f"bad header line {line[:60]!r}")
-            name = key.decode("latin-1").lower()
-            text = value.strip(b" \t").decode("latin-1")
-            headers[name] = f"{headers[name]}, {text}" if name in headers else text
+            name = key.lower()
+            value = value.strip(" \t")
+            headers[name] = f"{headers[name]}, {value}" if name in headers else value
         if status < 200:  # 1xx: an interim answer; the real one follows
             return
-        self.status, self.reason, self.headers = status, reason.decode("latin-1"), headers
-        self._frame(version == b"HTTP/1.1")
+        self.status, self.reason, self.headers = status, reason, headers
+        self._frame(version == "HTTP/1.1")
 
     def _frame(self, http11: bool) -> None:
         """Choose how the body ends (RFC 9112 §6.3), and whether the connection stays open."""

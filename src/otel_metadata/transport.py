@@ -358,6 +358,10 @@ class Connection:
         self._wbuf = b""  # bytes for the socket, encrypted already
         self._pending = b""  # plaintext received beyond what the last phase took
         self._eof = False
+        # The socket has nothing more to read for now, as far as this pass knows: it just sent
+        # (the answer cannot be there yet), or a read did not fill the buffer. Saves a recv
+        # that would only say EAGAIN; the selector says when there is more.
+        self._drained = False
         self._parser = http1.ResponseParser()
         self._request = b""
         self._timeout = 0.0
@@ -399,6 +403,7 @@ class Connection:
         ready after all; after the exchange ended, its Outcome again."""
         if self._phase in (_CLOSED, _IDLE):
             return self._outcome
+        self._drained = False
         try:
             return self._progress()
         except (OSError, ValueError) as exc:  # ssl and socket errors; a malformed answer
@@ -643,7 +648,8 @@ class Connection:
             return False
         self._wbuf = self._wbuf[sent:]
         self.deadline = time.monotonic() + self._timeout
-        return not self._wbuf
+        self._drained = not self._wbuf
+        return self._drained
 
     def _receive(self) -> bytes | None:
         """Plaintext from the top of the stack as far as it is set up (b"" if a read brought
@@ -653,11 +659,14 @@ class Connection:
             return data
         if self._eof:
             return b""
+        if self._drained:
+            return None
         assert self._sock is not None
         try:
             data = self._sock.recv(_RECV_SIZE)
         except (BlockingIOError, InterruptedError):
             return None
+        self._drained = len(data) < _RECV_SIZE
         self.deadline = time.monotonic() + self._timeout
         if not data:
             self._eof = True
