@@ -724,6 +724,6 @@ class Connection:
         self._layers = []
         self._handshaking = False
         self._wbuf = self._pending = b""
-        self._eof = False
+        self._eof = self._drained = False
         self.reusable = False
         self.wants = 0
