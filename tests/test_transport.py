@@ -475,11 +475,14 @@ def test_an_answer_that_ends_its_connection_makes_the_next_post_open_a_new_one(
     scripted: Any, answer: bytes,
 ) -> None:
     srv = scripted(answer, default="close")
-    transport = Transport(srv.base_url + PATH, API_KEY, 4)
+    stats = Stats()
+    transport = Transport(srv.base_url + PATH, API_KEY, 4, stats)
     outcomes = [transport.post(rid, {"a": "b"}, timeout=5) for rid in (1, 2)]
     transport.close()
     assert [o.status for o in outcomes] == [200, 200]
     assert srv.ids == [1, 2] and srv.connections == 2
+    # A new connection because the answer said so, not a resend on a connection kept in vain.
+    assert stats.snapshot().get("resent", 0) == 0
 
 
 @pytest.mark.parametrize("scheme", ["http", "https"])
@@ -710,7 +713,7 @@ def test_the_parser_gives_the_same_answer_whatever_pieces_its_bytes_arrive_in(
 
 
 def test_the_parser_refuses_what_is_not_http() -> None:
-    for raw in (b"HELLO\r\n\r\n", b"HTTP/1.1 2000 OK\r\n\r\n",
+    for raw in (b"HELLO\r\n\r\n", b"HTTP/2 200 OK\r\n\r\n", b"HTTP/1.1 2000 OK\r\n\r\n",
                 b"HTTP/1.1 200 OK\r\nNo colon\r\n\r\n",
                 b"HTTP/1.1 200 OK\r\nContent-Length: 1, 2\r\n\r\n",
                 b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n"):
