@@ -130,7 +130,8 @@ def test_hundreds_of_request_ids_through_every_fault_lose_nothing(
     statuses, reasons = server.statuses(), {post.reason for post in server.posts}
     assert {500, 502, 503, 504, 429} <= set(statuses)
     assert {"refused", "reset", "answered late"} <= reasons
-    assert stats["posts"] == len(server.posts)
+    # The transport sends again at once what a reset kept-alive connection did not answer.
+    assert stats["posts"] + stats.get("resent", 0) == len(server.posts)
     answered_in_time = [x for x in server.accepted() if x.reason != "answered late"]
     assert stats["delivered"] == len(answered_in_time)
     assert stats["retried"] == stats["posts"] - stats["delivered"]

@@ -9,13 +9,17 @@ the test), and a small HTTP proxy that tunnels CONNECT and forwards plain-http r
 from __future__ import annotations
 
 import base64
+import collections
 import http.client
+import json
 import logging
 import selectors
 import socket
 import socketserver
 import ssl
 import sys
+import threading
+import time
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler
 from pathlib import Path
@@ -24,12 +28,15 @@ from urllib.parse import urlsplit
 
 import pytest
 import trustme
-from conftest import API_KEY
+from conftest import API_KEY, wait_until
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
+from otel_metadata import http1
 from otel_metadata.stats import Stats
 from otel_metadata.testing._http import LocalServer
 from otel_metadata.testing.track_metadata import PATH, TrackMetadataServer
-from otel_metadata.transport import CA_BUNDLE_VARS, Transport
+from otel_metadata.transport import CA_BUNDLE_VARS, Connection, Outcome, Transport
 
 PROXY_VARS = ("HTTPS_PROXY", "HTTP_PROXY", "ALL_PROXY", "NO_PROXY")
 PROXY_PASSWORD = "proxy-secret-9c1e"
@@ -356,17 +363,362 @@ def test_the_key_is_in_no_log_line_repr_or_outcome(
     server: TrackMetadataServer, tls_server: TrackMetadataServer,
     caplog: pytest.LogCaptureFixture,
 ) -> None:
-    caplog.set_level(logging.DEBUG)  # urllib3's connection logs included
+    caplog.set_level(logging.DEBUG)  # the transport's connection logs included
     wrong = Transport(server.base_url + PATH, "pl-wrong-but-secret-4f9a2c", 1)
     untrusted = Transport(https_endpoint(tls_server), API_KEY, 1)
     ok = Transport(server.base_url + PATH, API_KEY, 1)
     outcomes = [post_one(t) for t in (wrong, untrusted, ok)]
 
     assert [o.status for o in outcomes] == [401, None, 200]
-    assert any(r.name.startswith("urllib3") for r in caplog.records)  # the test saw them
+    assert any(r.name == "otel_metadata.transport" for r in caplog.records)  # the test saw them
     shown = caplog.text + "".join(repr(t) + str(t) for t in (wrong, untrusted, ok))
     shown += "".join(repr(o) for o in outcomes)
     assert API_KEY not in shown and "pl-wrong-but-secret-4f9a2c" not in shown
+
+
+
+# -- the wire: framing, keep-alive, a server that hangs up or never answers --
+
+OK = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"
+
+
+class Scripted(LocalServer):
+    """A server on 127.0.0.1 that answers each POST with the raw bytes `answer`, then does what
+    the next word of `script` says (`default` once it is used up): "keep" the connection,
+    "close" it (without saying so in the answer), "hang up" (close without answering), or stay
+    "silent" (never answer). `ids` are the request IDs it read; `closed` counts the connections
+    it has closed."""
+
+    def __init__(self, answer: bytes = OK, *script: str, default: str = "keep") -> None:
+        super().__init__()
+        self.answer = answer
+        self.script = collections.deque(script)
+        self.default = default
+        self.ids: list[Any] = []
+        self.closed = 0
+        self.start()
+
+    def next_move(self) -> str:
+        with self._lock:
+            return self.script.popleft() if self.script else self.default
+
+
+class _ScriptedHandler(BaseHTTPRequestHandler):
+    owner: Scripted
+    protocol_version = "HTTP/1.1"
+
+    def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - the base's name
+        pass
+
+    def setup(self) -> None:
+        super().setup()
+        self.owner.connected()
+
+    def finish(self) -> None:
+        super().finish()
+        with self.owner._lock:
+            self.owner.closed += 1
+
+    def do_POST(self) -> None:  # noqa: N802 - http.server's naming
+        owner = self.owner
+        body = self.rfile.read(int(self.headers["Content-Length"]))
+        move = owner.next_move()
+        with owner._lock:
+            owner.ids.append(json.loads(body)["request_id"])
+        if move == "silent":
+            owner._stopping.wait(30)
+        elif move != "hang up":
+            self.wfile.write(owner.answer)
+            self.wfile.flush()
+        self.close_connection = move != "keep"
+
+
+Scripted.handler = _ScriptedHandler
+
+
+@pytest.fixture
+def scripted() -> Iterator[Any]:
+    """Make `Scripted` servers; each is stopped after the test."""
+    made: list[Scripted] = []
+
+    def make(*args: Any, **kwargs: Any) -> Scripted:
+        made.append(Scripted(*args, **kwargs))
+        return made[-1]
+
+    yield make
+    for srv in made:
+        srv.stop()
+
+
+def test_a_chunked_answer_is_read_to_its_end_and_its_connection_kept(scripted: Any) -> None:
+    srv = scripted(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n"
+                   b"4;ext=1\r\nokok\r\n1\r\n!\r\n0\r\nX-Trailer: t\r\n\r\n")
+    transport = Transport(srv.base_url + PATH, API_KEY, 1)
+    outcomes = [transport.post(rid, {"a": "b"}, timeout=5) for rid in (1, 2)]
+    transport.close()
+    assert [o.status for o in outcomes] == [200, 200]
+    assert srv.ids == [1, 2] and srv.connections == 1
+
+
+def test_a_chunked_error_body_is_the_detail(scripted: Any) -> None:
+    srv = scripted(b"HTTP/1.1 503 Busy\r\nTransfer-Encoding: chunked\r\nRetry-After: 7\r\n\r\n"
+                   b"5\r\ntoo b\r\n4\r\nusy!\r\n0\r\n\r\n")
+    outcome = post_one(Transport(srv.base_url + PATH, API_KEY, 1))
+    assert outcome == Outcome(503, retry_after=7.0, detail="too busy!")
+
+
+@pytest.mark.parametrize("answer", [
+    b"HTTP/1.1 200 OK\r\nConnection: close\r\nContent-Length: 2\r\n\r\nok",
+    b"HTTP/1.0 200 OK\r\n\r\nthe body ends with the connection",
+], ids=["connection-close", "http1.0-until-close"])
+def test_an_answer_that_ends_its_connection_makes_the_next_post_open_a_new_one(
+    scripted: Any, answer: bytes,
+) -> None:
+    srv = scripted(answer, default="close")
+    stats = Stats()
+    transport = Transport(srv.base_url + PATH, API_KEY, 4, stats)
+    outcomes = [transport.post(rid, {"a": "b"}, timeout=5) for rid in (1, 2)]
+    transport.close()
+    assert [o.status for o in outcomes] == [200, 200]
+    assert srv.ids == [1, 2] and srv.connections == 2
+    # A new connection because the answer said so, not a resend on a connection kept in vain.
+    assert stats.snapshot().get("resent", 0) == 0
+
+
+@pytest.mark.parametrize("scheme", ["http", "https"])
+def test_a_kept_connection_the_server_closed_while_idle_is_reconnected_and_sent_again_once(
+    scripted: Any, ca_file: tuple[trustme.CA, Path], scheme: str,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    srv = scripted(OK, "close")  # closes after the first answer, which did not say it would
+    if scheme == "https":
+        assert srv._httpd is not None
+        serve_tls(srv._httpd, server_context(ca_file))
+        monkeypatch.setenv("SSL_CERT_FILE", str(ca_file[1]))
+    stats = Stats()
+    transport = Transport(f"{scheme}://{srv.base_url[len('http://'):]}{PATH}", API_KEY, 1, stats)
+    assert transport.post(1, {"a": "b"}, timeout=5).status == 200
+    wait_until(lambda: srv.closed == 1, "the server to close the idle connection")
+
+    assert transport.post(2, {"a": "b"}, timeout=5) == Outcome(200)
+    transport.close()
+    assert srv.ids == [1, 2]  # the second request reached the server once: on the new connection
+    assert srv.connections == 2 and stats.snapshot()["resent"] == 1
+
+
+def test_a_resend_happens_once_and_a_new_connection_that_fails_is_an_error(
+    scripted: Any,
+) -> None:
+    srv = scripted(OK, "keep", default="hang up")
+    transport = Transport(srv.base_url + PATH, API_KEY, 1)
+    assert transport.post(1, {"a": "b"}, timeout=5).status == 200
+    # Hung up on, on the kept connection: sent again on a new one, hung up on there too.
+    second = transport.post(2, {"a": "b"}, timeout=5)
+    # A new connection hung up on: no resend.
+    third = transport.post(3, {"a": "b"}, timeout=5)
+    transport.close()
+    for outcome in (second, third):
+        assert outcome.status is None and outcome.error == "ConnectionError"
+        assert "Remote end closed connection without response" in outcome.detail
+    assert srv.ids == [1, 2, 2, 3]
+
+
+def test_a_malformed_answer_is_a_connection_error_and_ends_the_connection(
+    scripted: Any,
+) -> None:
+    srv = scripted(b"HELLO THERE\r\n\r\n")
+    transport = Transport(srv.base_url + PATH, API_KEY, 1)
+    outcomes = [transport.post(rid, {"a": "b"}, timeout=5) for rid in (1, 2)]
+    transport.close()
+    assert all(o.error == "ConnectionError" and "bad status line" in o.detail for o in outcomes)
+    assert srv.connections == 2
+
+
+def test_a_server_that_never_answers_is_a_read_timeout(scripted: Any) -> None:
+    srv = scripted(default="silent")
+    transport = Transport(srv.base_url + PATH, API_KEY, 1)
+    started = time.monotonic()
+    outcome = transport.post(1, {"a": "b"}, timeout=0.3)
+    took = time.monotonic() - started
+    transport.close()
+    assert outcome.status is None and outcome.error == "ReadTimeout"
+    assert "timed out" in outcome.detail and 0.3 <= took < 3
+    assert srv.ids == [1]
+
+
+@pytest.fixture
+def closed_port() -> int:
+    """A port that was free a moment ago: nobody listens there."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+@pytest.mark.parametrize("via_proxy", [False, True])
+def test_a_connect_to_a_closed_port_is_refused(
+    closed_port: int, via_proxy: bool, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    endpoint = f"http://127.0.0.1:{closed_port}{PATH}"
+    if via_proxy:  # the proxy is what cannot be reached
+        monkeypatch.setenv("HTTP_PROXY", f"http://127.0.0.1:{closed_port}")
+        endpoint = f"http://192.0.2.1{PATH}"
+    outcome = post_one(Transport(endpoint, API_KEY, 1))
+    assert outcome.status is None and outcome.error == ("ProxyError" if via_proxy
+                                                         else "ConnectionError")
+    assert "[Errno 111] Connection refused" in outcome.detail
+
+
+# -- many connections on one selectors loop --
+
+def drive(exchanges: list[tuple[Connection, bytes]], selector: selectors.BaseSelector,
+          on_turn: Any = None) -> list[Outcome]:
+    """Run every exchange at once on `selector`, as the delivery loop does; their Outcomes."""
+    outcomes: dict[int, Outcome] = {}
+    index = {id(conn): i for i, (conn, _) in enumerate(exchanges)}
+    for i, (conn, request) in enumerate(exchanges):
+        outcome = conn.begin(request, 5, selector)
+        if outcome is not None:
+            outcomes[i] = outcome
+    give_up = time.monotonic() + 30
+    while len(outcomes) < len(exchanges):
+        assert time.monotonic() < give_up, f"{len(outcomes)} of {len(exchanges)} ended"
+        for key, _ in selector.select(0.05):
+            outcome = key.data.advance()
+            if outcome is not None:
+                outcomes[index[id(key.data)]] = outcome
+        now = time.monotonic()
+        for i, (conn, _) in enumerate(exchanges):
+            if i not in outcomes and now >= conn.deadline:
+                outcomes[i] = conn.timed_out()
+        if on_turn is not None:
+            on_turn()
+    assert not selector.get_map()  # every connection unregistered itself
+    return [outcomes[i] for i in range(len(exchanges))]
+
+
+@pytest.mark.parametrize("route", ["http", "https", "https via proxy", "https via https proxy"])
+def test_many_connections_are_driven_at_once_by_one_selectors_loop(
+    route: str, server: TrackMetadataServer, tls_server: TrackMetadataServer,
+    ca_file: tuple[trustme.CA, Path], proxy: Proxy, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    n = 32
+    monkeypatch.setenv("REQUESTS_CA_BUNDLE", str(ca_file[1]))
+    tls_proxy = Proxy(tls=server_context(ca_file)) if route.endswith("https proxy") else None
+    if route.endswith("proxy"):
+        monkeypatch.setenv("HTTPS_PROXY", (tls_proxy or proxy).url)
+    target = server if route == "http" else tls_server
+    endpoint = server.base_url + PATH if route == "http" else https_endpoint(tls_server)
+    transport = Transport(endpoint, API_KEY, n)
+    conns = [transport.connection() for _ in range(n)]
+    # The server holds every request until all of them are in, so all were in flight at once.
+    gate = target.gate = threading.Event()
+    arrived = [0]
+
+    def count_arrivals() -> None:
+        while target.waiting.acquire(blocking=False):
+            arrived[0] += 1
+        if arrived[0] == n:
+            gate.set()
+
+    try:
+        with selectors.DefaultSelector() as selector:
+            first = drive([(c, transport.request(rid, {"n": str(rid)})) for rid, c in
+                           enumerate(conns)], selector, count_arrivals)
+            assert arrived[0] == n and [o.status for o in first] == [200] * n
+            # And again on the same connections, kept alive.
+            again = drive([(c, transport.request(n + rid, {"n": "again"})) for rid, c in
+                           enumerate(conns)], selector)
+        assert [o.status for o in again] == [200] * n
+        assert sorted(p.request_id for p in target.posts) == list(range(2 * n))
+        assert target.connections == n
+    finally:
+        for conn in conns:
+            conn.close()
+        if tls_proxy is not None:
+            tls_proxy.close()
+
+
+# -- the response parser, bytes arriving in pieces --
+
+_TOKEN = "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789-"
+_header_values = st.from_regex(r"([!-~]([ -~]*[!-~])?)?", fullmatch=True)
+
+
+@st.composite
+def answers(draw: Any) -> tuple[bytes, dict[str, Any]]:
+    """A valid answer's bytes, and what parsing it must give."""
+    eol = draw(st.sampled_from(["\r\n", "\n"]))
+    status = draw(st.integers(200, 599).filter(lambda s: s not in (204, 304)))
+    reason = draw(st.sampled_from(["", "OK", "Some Reason"]))
+    headers = draw(st.lists(st.tuples(st.text(_TOKEN, min_size=1, max_size=8).map(
+        lambda name: "X-" + name), _header_values), max_size=6))
+    framing = draw(st.sampled_from(["length", "chunked", "close"]))
+    body = draw(st.binary(max_size=300))
+    interim = draw(st.lists(st.sampled_from([100, 102, 103]), max_size=2))
+    head = "".join(f"HTTP/1.1 {code} Interim{eol}X-Interim: 1{eol}{eol}" for code in interim)
+    head += f"HTTP/1.{0 if framing == 'close' else 1} {status} {reason}".rstrip() + eol
+    head += "".join(f"{name}: {value}{eol}" for name, value in headers)
+    if framing == "length":
+        head += f"Content-Length: {len(body)}{eol}"
+        payload = body
+    elif framing == "chunked":
+        head += f"Transfer-Encoding: chunked{eol}"
+        cuts = sorted(draw(st.lists(st.integers(0, len(body)), max_size=4)))
+        pieces = [body[a:b] for a, b in zip([0, *cuts], [*cuts, len(body)], strict=True)
+                  if b > a]
+        payload = b"".join(b"%x%s\r\n%s\r\n" % (len(p), b";x=y" * (len(p) % 2), p)
+                           for p in pieces)
+        payload += b"0\r\n" + (b"T: 1\r\n" if draw(st.booleans()) else b"") + b"\r\n"
+    else:
+        payload = body
+    expected_headers: dict[str, str] = {}
+    for name, value in headers:
+        name = name.lower()
+        expected_headers[name] = (f"{expected_headers[name]}, {value}" if name in
+                                  expected_headers else value)
+    expected = {"status": status, "headers": expected_headers, "keep_alive": framing != "close",
+                "body": b"" if status < 300 else body, "close": framing == "close"}
+    return (head + eol).encode("latin-1") + payload, expected
+
+
+def parse(pieces: list[bytes], until_close: bool) -> http1.ResponseParser:
+    parser = http1.ResponseParser()
+    done = False
+    for piece in pieces:  # empty ones included
+        assert not (done and piece), "complete before its last byte"
+        done = parser.feed(piece) or done
+    if until_close:
+        assert not done
+        done = parser.feed_eof()
+    assert done
+    return parser
+
+
+@settings(deadline=None)
+@given(answers(), st.data())
+def test_the_parser_gives_the_same_answer_whatever_pieces_its_bytes_arrive_in(
+    answer: tuple[bytes, dict[str, Any]], data: st.DataObject,
+) -> None:
+    raw, expected = answer
+    cuts = sorted(data.draw(st.lists(st.integers(0, len(raw)), max_size=12)))
+    pieces = [raw[a:b] for a, b in zip([0, *cuts], [*cuts, len(raw)], strict=True)]
+    whole, split = parse([raw], expected["close"]), parse(pieces, expected["close"])
+    for parser in (whole, split):
+        got = {"status": parser.status, "headers": {k: v for k, v in parser.headers.items()
+                                                    if k.startswith("x-")},
+               "keep_alive": parser.keep_alive, "body": parser.body,
+               "close": expected["close"]}
+        assert got == expected
+        assert parser.rest == b"" and parser.received == len(raw)
+
+
+def test_the_parser_refuses_what_is_not_http() -> None:
+    for raw in (b"HELLO\r\n\r\n", b"HTTP/2 200 OK\r\n\r\n", b"HTTP/1.1 2000 OK\r\n\r\n",
+                b"HTTP/1.1 200 OK\r\nNo colon\r\n\r\n",
+                b"HTTP/1.1 200 OK\r\nContent-Length: 1, 2\r\n\r\n",
+                b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n"):
+        with pytest.raises(http1.MalformedAnswer):
+            http1.ResponseParser().feed(raw)
 
 
 Proxy.handler = _ProxyHandler

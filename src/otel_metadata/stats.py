@@ -42,7 +42,8 @@ class Stats:
 
     Names in use: `STANDARD_COUNTERS`, plus ``rejected.<status>`` (which HTTP status a
     ``dropped.rejected`` record got), ``dropped_values``, ``followups``, ``traces_evicted``,
-    ``errors``.
+    ``errors``, ``resent`` (POSTs the transport sent again at once, on a new connection, the
+    kept-alive one having been closed by the server before it answered).
     """
 
     def __init__(self) -> None:
