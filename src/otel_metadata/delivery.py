@@ -20,6 +20,7 @@ Python 3.12+ refuses to start threads then; the thread is started up front.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import heapq
 import itertools
@@ -170,10 +171,9 @@ class _Waker:
         self.writer.setblocking(False)
 
     def wake(self) -> None:
-        try:
+        # Full: a wake-up is pending anyway; closed: shutting down.
+        with contextlib.suppress(OSError):
             self.writer.send(b"\0")
-        except OSError:  # full (a wake-up is pending anyway) or closed (shutting down)
-            pass
 
     def drain(self) -> None:
         try:
