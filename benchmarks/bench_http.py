@@ -8,11 +8,14 @@ every lazy import done), then `--reps` timed runs; the median is printed. Every 
 
 Clients: `requests.Session.post` (the transport before issue 15), `urllib3` used directly
 (`PoolManager.urlopen`, and the endpoint's `HTTPConnectionPool.urlopen`), `http.client` (the
-floor: what every other one stands on), and `otel_metadata.transport.Transport` itself. The
-`requests` and `Transport` rows are repeated with `--env-vars` extra environment variables (a
-Kubernetes pod has hundreds: a service's host and port for every service in the namespace), as
-`requests` scans the environment for proxy settings on every POST; the last line prints that scan
-alone (`Session.merge_environment_settings`, which each `Session.post` calls).
+floor of the libraries), and `otel_metadata.transport.Transport.post` itself, then the
+transport's non-blocking `Connection`s, `--width` of them kept alive and driven at once by one
+`selectors` loop (as delivery posts: each POST begun as soon as a connection is free; CPU per
+POST over all of them). The `requests` and `Transport` rows are repeated with `--env-vars` extra
+environment variables (a Kubernetes pod has hundreds: a service's host and port for every
+service in the namespace), as `requests` scans the environment for proxy settings on every POST;
+the last line prints that scan alone (`Session.merge_environment_settings`, which each
+`Session.post` calls).
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ from __future__ import annotations
 import http.client
 import json
 import os
+import selectors
 import sys
 import time
 from collections.abc import Callable, Iterator
@@ -132,6 +136,53 @@ def cpu_per_post(client: Client, endpoint: str, n: int, reps: int) -> float:
         close()
 
 
+def loop_cpu_per_post(endpoint: str, n: int, reps: int, width: int) -> float:
+    """Median client CPU (µs) per POST over `reps` runs of `n` POSTs, `width` in flight at a time
+    on as many kept-alive `Connection`s, one `selectors` loop driving them all."""
+    transport = Transport(endpoint, API_KEY, width)
+    request = transport.request(1, METADATA)
+    assert isinstance(request, bytes)
+    free = [transport.connection() for _ in range(width)]
+
+    def run(count: int, selector: selectors.BaseSelector) -> set[int | None]:
+        statuses: set[int | None] = set()
+        begun = ended = 0
+        while ended < count:
+            while free and begun < count:
+                conn = free.pop()
+                begun += 1
+                outcome = conn.begin(request, TIMEOUT_S, selector)
+                if outcome is not None:
+                    statuses.add(outcome.status)
+                    ended += 1
+                    free.append(conn)
+            ready = selector.select(TIMEOUT_S)
+            if not ready:
+                raise RuntimeError(f"no answer in {TIMEOUT_S} s")
+            for key, _ in ready:
+                outcome = key.data.advance()
+                if outcome is not None:
+                    statuses.add(outcome.status)
+                    ended += 1
+                    free.append(key.data)
+        return statuses
+
+    try:
+        with selectors.DefaultSelector() as selector:
+            run(WARM_UP * width, selector)  # every connection open
+            runs = []
+            for _ in range(reps):
+                t0 = time.process_time()
+                statuses = run(n, selector)
+                runs.append((time.process_time() - t0) / n * 1e6)
+                if statuses != {200}:
+                    raise RuntimeError(f"Connection loop: answers {statuses}, not all 200")
+        return median(runs)
+    finally:
+        for conn in free:
+            conn.close()
+
+
 def scan_cost(endpoint: str, n: int) -> float:
     """CPU (µs) of the proxy/CA environment lookup one `requests.Session.post` makes."""
     session = requests.Session()
@@ -157,6 +208,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--n", type=int, default=2000, help="POSTs per timed run")
     p.add_argument("--reps", type=int, default=3, help="timed runs per client (median)")
     p.add_argument("--env-vars", type=int, default=300, help="extra environment variables")
+    p.add_argument("--width", type=int, default=64,
+                   help="connections in flight at once for the selectors-loop row")
     args = p.parse_args(argv)
     clean_environment()
     m = machine()
@@ -173,6 +226,10 @@ def main(argv: list[str] | None = None) -> int:
             us = cpu_per_post(client, endpoint, args.n, args.reps)
             results["cpu_us"][name] = us
             print(f"  {name:<64} {us:8.1f} µs")
+        label = f"otel_metadata Connection x{args.width}, one selectors loop"
+        us = loop_cpu_per_post(endpoint, args.n, args.reps, args.width)
+        results["cpu_us"][label] = us
+        print(f"  {label:<64} {us:8.1f} µs")
         with extra_environment(args.env_vars):
             for name, client in CLIENTS:
                 if name in WITH_ENV:
