@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import threading
 import time
 from typing import Any
 
 import pytest
-from conftest import wait_for
+from conftest import send, wait_for
 
 from otel_metadata.delivery import AdaptiveConcurrency
 from otel_metadata.testing.track_metadata import Faults, TrackMetadataServer
@@ -127,3 +128,23 @@ def test_no_loss_at_a_rate_the_worker_can_join(
     stats = p.processor.stats()
     assert {k: v for k, v in stats.items() if k.startswith("dropped.") and v} == {}
     assert server.metadata == {i: {"user_id": f"u{i}", "step": "answer"} for i in range(n)}
+
+
+def _senders() -> int:
+    return sum(t.name.startswith("otel-metadata-sender") for t in threading.enumerate())
+
+
+def test_many_posts_in_flight_cost_no_thread_each(
+    server: TrackMetadataServer, make_pipeline: Any,
+) -> None:
+    server.gate = threading.Event()  # every request waits at the server until the gate opens
+    p = make_pipeline(max_concurrency=32, schedule_delay_millis=1)
+    threads = _senders()
+    for rid in range(32):
+        send(p, rid, {"n": str(rid)})
+    for _ in range(32):  # all 32 reached the server: in flight at once
+        assert server.waiting.acquire(timeout=10)
+    assert _senders() == threads  # on the one loop thread there was already
+    server.gate.set()
+    assert p.flush()
+    assert server.metadata == {rid: {"n": str(rid)} for rid in range(32)}

@@ -245,3 +245,35 @@ def test_a_waiting_flush_is_woken_once_not_after_every_post(
     flush.join(10)
     assert results == [True]
     assert wakes.count(id(me)) == 1
+
+
+class _Counting:
+    """A waiter that only counts its wake-ups (as delivery's loop would be woken)."""
+
+    def __init__(self) -> None:
+        self.woken = 0
+
+    def wake(self) -> None:
+        self.woken += 1
+
+
+def test_a_full_batch_goes_out_whole_and_wakes_the_waiter_once() -> None:
+    q = RecordQueue(100, max_batch=4, delay_s=60.0, clock=lambda: NOW)
+    waiter = _Counting()
+    q.put(1, {"a": "1"})
+    assert q.take_nowait(waiter) == 60.0  # not due before the delay: the waiter times it
+    for rid in (2, 3):
+        q.put(rid, {"a": "1"})
+    assert waiter.woken == 0  # later entries are due later: no wake-up for them
+    q.put(4, {"a": "1"})  # the batch is full
+    assert waiter.woken == 1
+    taken = []
+    for _ in range(6):
+        got = q.take_nowait(waiter)
+        if not isinstance(got, float):
+            assert got is not None
+            taken.append(got.request_id)
+            if len(taken) <= 2:
+                q.put(10 + len(taken), {"a": "1"})  # arriving while the batch goes out
+    # The four of the full batch, not one record per put while the queue hovers at four.
+    assert taken == [1, 2, 3, 4] and q.take_nowait(waiter) == 60.0

@@ -168,11 +168,19 @@ class RecordQueue:
         if not self._store(request_id, metadata):
             self.put_failed()
             return False
-        # A sender must look if none is timing the next entry's delay, or once a batch is full.
-        if self._idle and (not self._timer or
-                           len(self._pending) + len(self._handed) >= self._max_batch):
+        # The waiter must look if it is not timing the next entry's delay, or once a batch is
+        # full.
+        if self._idle and (not self._timer or self._batch_full()):
             self._wake_sender()
         return True
+
+    def _batch_full(self) -> bool:
+        """`max_batch` records wait, as many arrived since the last batch or flush made them
+        all due (so records that arrive while a batch goes out are not a batch of their own
+        one by one). Read without the lock: it may err towards a batch early."""
+        handed = len(self._handed)
+        return (len(self._pending) + handed >= self._max_batch and
+                self._seq + handed - max(self._batch_to, self._flush_to) >= self._max_batch)
 
     def _store(self, request_id: RequestId, metadata: dict[str, str]) -> bool:
         """Hand the record over (False: refuse it). A durable store writes it to disk first,
@@ -259,7 +267,7 @@ class RecordQueue:
     def _next_due(self) -> Entry | float | None:
         """The entry to send now, or how long to wait (None: until woken)."""
         now = self._clock()
-        if len(self._pending) >= self._max_batch:
+        if self._batch_full():
             # A full batch goes out whole, as the SDK's batch processor exports one: not one
             # record per `put` while the queue hovers at the batch size.
             self._batch_to = self._seq
