@@ -274,6 +274,7 @@ class Delivery:
         may land all the same)."""
         if self._shutdown:
             return
+        deadline = self._clock() + timeout_s
         self.force_flush(timeout_s)
         self._shutdown = True
         left = self._queue.close(keep=True)  # wakes the loop, which closes its connections
@@ -281,7 +282,8 @@ class Delivery:
             self._stats.add("dropped.shutdown", len(left))
         self._waker.wake()
         if self._thread is not threading.current_thread():
-            self._thread.join(1.0)
+            # It closes its connections on the way out; a daemon, it is not waited for longer.
+            self._thread.join(max(0.0, min(1.0, deadline - self._clock())))
         self._transport.close()
 
     # -- the loop: one thread, every POST in flight on a selector --
