@@ -142,7 +142,7 @@ class Intake:
                 if len(links) >= LINK_GENERATION:
                     join.new_link_generation(links)
             return True
-        return self._hand_off(item, item[3] is not None)
+        return self._hand_off(item, trace_id if item[3] is not None else None)
 
     def link(self, request_id: RequestId, trace_id: int, span_id: int, parent: Any,
              attrs: Mapping[str, Any] | None, ended_ns: int | None,
@@ -159,7 +159,7 @@ class Intake:
             return
         relevant = dict(attrs) if attrs else None
         self._hand_off(_Link(request_id, trace_id, span_id, parent, relevant, started,
-                             ended_ns is not None), True)
+                             ended_ns is not None), trace_id)
 
     def room(self) -> int:
         """How many more spans the pipeline takes now: the hand-off's room, and none while the
@@ -172,16 +172,19 @@ class Intake:
     def __len__(self) -> int:
         return len(self._inbox)
 
-    def _hand_off(self, item: _Item | _Link, carries: bool) -> bool:
+    def _hand_off(self, item: _Item | _Link, carrier: int | None) -> bool:
+        """`carrier`: the trace ID when `item` carries something (its trace's other spans
+        must follow it into the join), None for a span that carries nothing."""
         if self.fork_check is not None:
             self.fork_check()
         inbox = self._inbox
         if len(inbox) >= MAX_BACKLOG or self._is_shutdown:
-            if carries:  # a span that carries nothing costs its trace nothing
-                self._refuse(item)
-            return not carries
-        if carries:  # before the append: its trace's other spans follow it into the join
-            self._pending.add(item.trace_id if type(item) is _Link else item[0])  # type: ignore[index]
+            if carrier is None:  # a span that carries nothing costs its trace nothing
+                return True
+            self._refuse(item)
+            return False
+        if carrier is not None:  # before the append, so `ended` sees it while it waits
+            self._pending.add(carrier)
         inbox.append(item)
         if len(inbox) > self._wake_at:  # after the append: the worker publishes, then looks
             self._wake_at = _AWAKE  # one `set` per sleep, however many sources see it
