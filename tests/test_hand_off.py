@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
+from pathlib import Path
 
+import pytest
 from conftest import wait_for, worker_stuck
 from opentelemetry import trace
 
@@ -170,3 +173,75 @@ def test_a_lost_request_is_counted_once(server, make_pipeline, monkeypatch) -> N
     assert p.flush() is False
     lost = 10 - len(server.metadata)
     assert lost > 0 and p.processor.stats()["dropped.backlog"] == lost
+
+
+def _lineage_wake_ups() -> int:
+    """How many times the lineage worker thread has gone to sleep and woken so far (its
+    voluntary context switches: every wait, a timed one or a GIL hand-over, is one)."""
+    worker = next(t for t in threading.enumerate() if t.name == "otel-metadata-lineage")
+    status = Path(f"/proc/self/task/{worker.native_id}/status").read_text()
+    return int(next(line.split()[1] for line in status.splitlines()
+                    if line.startswith("voluntary_ctxt_switches")))
+
+
+linux_only = pytest.mark.skipif(not Path("/proc/self/task").is_dir(),
+                                reason="reads the thread's context switches from /proc")
+
+
+@linux_only
+def test_the_worker_wakes_a_bounded_number_of_times_under_a_steady_stream(
+        server, make_pipeline) -> None:
+    """~2 000 traces/s for a second, each handing its handler span over: the worker passes
+    a few dozen times (a wake-up costs more CPU than the pass), not once per few spans."""
+    p = make_pipeline(max_trace_wait_millis=600_000)
+    _request_under_a_user_root(p, 1)
+    assert p.flush()
+    before, start = _lineage_wake_ups(), time.monotonic()
+    traces = 0
+    while time.monotonic() - start < 1.0:
+        for _ in range(20):
+            traces += 1
+            with p.tracer.start_as_current_span("handler") as root:
+                root.set_attribute("user.id", f"u{traces}")
+                with p.tracer.start_as_current_span("llm"):
+                    if traces % 10 == 0:
+                        set_request_id(1 + traces // 10)
+        time.sleep(0.01)  # pacing the stream, not waiting for anything
+    wake_ups = (_lineage_wake_ups() - before) / (time.monotonic() - start)
+    assert p.flush()
+    assert len(server.metadata) == 1 + traces // 10  # the worker joined the whole stream
+    assert server.metadata[1 + traces // 10] == {"user_id": f"u{traces // 10 * 10}"}
+    assert wake_ups <= 40, f"{wake_ups:.0f} wake-ups/s over {traces} traces"
+
+
+@linux_only
+def test_an_idle_worker_with_nothing_held_sleeps_without_waking(server, make_pipeline) -> None:
+    p = make_pipeline(max_trace_wait_millis=100)
+    _request_under_a_user_root(p, 1)
+    assert wait_for(lambda: server.metadata.get(1) == {"user_id": "u"})
+    assert wait_for(lambda: p.processor.stats()["held_traces"] == 0)  # its linger is over
+    before = _lineage_wake_ups()
+    time.sleep(0.3)  # the window observed: a periodic wake-up would show several times
+    assert _lineage_wake_ups() - before <= 1  # the one that put it to sleep, at most
+
+
+def test_sources_wake_a_gathering_worker_only_when_the_hand_off_fills(
+        server, make_pipeline, monkeypatch) -> None:
+    """With a gather period longer than the test, only a hand-off past a quarter of
+    MAX_BACKLOG can start the next pass."""
+    monkeypatch.setattr(intake_module, "MAX_BACKLOG", 64)
+    monkeypatch.setattr(intake_module, "GATHER_S", 600.0)
+    p = make_pipeline(max_trace_wait_millis=600_000)
+
+    def roots(count: int) -> None:
+        for _ in range(count):
+            with p.tracer.start_as_current_span("handler") as root:
+                root.set_attribute("user.id", "u")
+
+    roots(1)  # wakes the idle worker, whose pass finds spans: it gathers from then on
+    assert wait_for(lambda: p.processor.stats()["backlog"] == 0)
+    roots(10)
+    time.sleep(0.3)  # the window observed: a hand-off that woke the worker would show
+    assert p.processor.stats()["backlog"] == 10
+    roots(10)  # 20 waiting: past 64 // 4
+    assert wait_for(lambda: p.processor.stats()["backlog"] == 0)

@@ -8,10 +8,12 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from otel_metadata import mapping
 from otel_metadata.mapping import (
     MAX_KEY_LENGTH,
     MappingRules,
     map_attributes,
+    map_weakest,
     request_id_of,
     stringify,
 )
@@ -175,8 +177,6 @@ def test_each_tool_convention_maps_exactly(attrs, expected) -> None:
 
 
 def test_the_end_user_field_is_the_cross_layer_fallback() -> None:
-    from otel_metadata.mapping import map_weakest
-
     assert map_weakest({"llm.user": "c", "gen_ai.user": "b"}, RULES, Stats()) == {"user_id": "b"}
     assert map_weakest({"gen_ai.request.user": "a", "gen_ai.user": "b"}, RULES,
                        Stats()) == {"user_id": "a"}
@@ -240,3 +240,34 @@ def test_a_json_attribute_that_is_not_a_flat_object_is_stringified_and_counted(
 def test_any_json_attribute_gives_str_to_str_and_never_raises(value) -> None:
     out = map_attributes({"metadata": value, "langfuse.trace.metadata.k": value}, RULES, Stats())
     assert all(isinstance(k, str) and isinstance(v, str) for k, v in out.items())
+
+
+span_names = st.lists(st.one_of(attribute_keys, st.sampled_from([
+    "promptlayer.request_id", "gen_ai.user", "metadata", "langfuse.trace.metadata.k",
+    "http.route"])), unique=True, max_size=6)
+
+
+@given(st.lists(span_names, min_size=1, max_size=3), st.data())
+def test_reading_a_span_plans_by_names_and_answers_by_its_own_values(name_sets, data) -> None:
+    """Spans of a few kinds (names) with any values: `read` answers each as the separate
+    functions do on fresh rules, whatever spans of the same names it read before."""
+    learning = MappingRules(max_value_length=8)
+    for _ in range(6):
+        names = data.draw(st.sampled_from(name_sets))
+        attrs = {name: data.draw(attribute_values) for name in names}
+        fresh, stats = MappingRules(max_value_length=8), Stats()
+        expected = (map_attributes(attrs, fresh, stats),
+                    map_weakest(attrs, fresh, stats) or None,
+                    request_id_of(attrs, fresh.request_id_attributes, stats))
+        got = Stats()
+        assert learning.read(attrs, got) == expected
+        assert got.snapshot() == stats.snapshot()  # the same counted, said once
+
+
+def test_plans_are_bounded_for_names_that_never_repeat(monkeypatch) -> None:
+    monkeypatch.setattr(mapping, "MAX_PLANS", 4)
+    rules = MappingRules()
+    for n in range(20):  # an app that puts IDs in attribute names
+        attrs = {f"promptlayer.metadata.k{n}": "v", "user.id": "u"}
+        assert rules.read(attrs, Stats()) == ({"user_id": "u", f"k{n}": "v"}, None, None)
+    assert len(rules._plans) <= 4

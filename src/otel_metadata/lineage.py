@@ -199,7 +199,8 @@ class TraceJoin:
             self._owner = me
             try:
                 tid = span.trace_id
-                if (tid not in self.traces and not self._restore_root(tid)
+                if (tid not in self.traces
+                        and (tid not in self.ended_roots or not self._restore_root(tid))
                         and span.local_root and not span.request_ids):
                     self._remember_root(span)
                     return
@@ -222,10 +223,11 @@ class TraceJoin:
     def _remember_root(self, span: SpanData) -> None:
         roots = self.ended_roots
         now = self._clock()
-        if len(roots) >= self._max_roots:  # full: the oldest goes, early if it is not due
+        held = len(roots)
+        if held >= self._max_roots:  # full: the oldest goes, early if it is not due
             if roots.popitem(last=False)[1][0] > now:
                 self._stats.add("traces_evicted")
-        elif not len(roots) & 63:  # now and then, forget the roots whose wait is over
+        elif not held & 63:  # now and then, forget the roots whose wait is over
             while roots and next(iter(roots.values()))[0] <= now:
                 roots.popitem(last=False)
         # Tuples of numbers and strings only: the garbage collector stops tracking them, so

@@ -19,6 +19,9 @@ MAX_KEY_LENGTH = 1024
 # Attribute names `MappingRules.is_relevant` remembers as irrelevant: a bound for apps that put
 # IDs in attribute names (``llm.prompts.<n>.content``); past it, new names take the full test.
 MAX_LEARNT_NAMES = 4096
+# Sets of attribute names whose plan `MappingRules.read` remembers (spans of one kind repeat
+# their names); when full, it starts over, so names with IDs in them cost planning, not memory.
+MAX_PLANS = 1024
 
 RequestId = int | str
 
@@ -26,6 +29,13 @@ RequestId = int | str
 # ("name", attribute, key) | ("prefix", prefix, "") | ("json", attribute, "")
 # | ("jsonprefix", prefix, "").
 _Step = tuple[str, str, str]
+# A step resolved against the attribute names present (`_resolve`), one per attribute read:
+# ("value", attribute, key) | ("json", attribute, "") | ("jsonvalue", attribute, key), the last
+# a value that may be a JSON-encoded string; "value" only for a key `_put` takes, else "put".
+_Op = tuple[str, str, str]
+# What `MappingRules.read` does for one tuple of attribute names: the metadata ops, the
+# cross-layer ops, the request-ID attributes present (in the rules' order).
+_Plan = tuple[tuple[_Op, ...], tuple[_Op, ...], tuple[str, ...]]
 
 
 @dataclass(frozen=True)
@@ -52,6 +62,8 @@ class MappingRules:
     context_keys: frozenset[str] = field(init=False)
     # Names seen on spans that carried nothing for us (learnt by `is_relevant`, up to a bound).
     irrelevant: set[str] = field(init=False, default_factory=set, compare=False)
+    _plans: dict[tuple[str, ...], _Plan] = field(init=False, default_factory=dict,
+                                                 compare=False, repr=False)
 
     def __post_init__(self) -> None:
         extra = Convention("extra_attributes", EXTRA_RANK,
@@ -120,19 +132,28 @@ class MappingRules:
             self.irrelevant.update(keys)
         return False
 
-    def relevant_items(self, attributes: Mapping[str, Any]) -> dict[str, Any]:
-        """The attributes these rules read, in a plain dict.
+    def read(self, attributes: Mapping[str, Any],
+             stats: Stats) -> tuple[dict[str, str], dict[str, str] | None, RequestId | None]:
+        """A span's attributes → (`map_attributes`, `map_weakest` or None when empty,
+        `request_id_of`), as those give them, reading only the attributes the rules name.
 
-        Mapping them gives the same result as mapping all of `attributes`, and a dict is much
-        cheaper to probe than the SDK's attribute mapping (whose `in` raises and catches a
-        KeyError per miss).
+        What to read depends on the names alone, so it is planned once per tuple of names
+        (the SDK's spans of one kind repeat theirs) and each span then costs a lookup plus the
+        attributes that matter, instead of every rule tried against every span.
         """
-        out = {k: attributes[k] for k in self.relevant.intersection(attributes)}
-        joined = "\0".join(attributes)
-        for prefix in self.prefixes:
-            if prefix in joined:
-                out.update((k, v) for k, v in attributes.items() if k.startswith(prefix))
-        return out
+        names = tuple(attributes)  # iterate once: the SDK's attribute mapping iterates in Python
+        plan = self._plans.get(names)
+        if plan is None:
+            present = frozenset(names)
+            plan = (_resolve(names, self.steps), _resolve(names, self.weakest_steps),
+                    tuple(n for n in self.request_id_attributes if n in present))
+            if len(self._plans) >= MAX_PLANS:
+                self._plans.clear()
+            self._plans[names] = plan
+        ops, weakest, id_names = plan
+        return (_run(attributes, ops, self, stats) if ops else {},
+                _run(attributes, weakest, self, stats) or None if weakest else None,
+                request_id_of(attributes, id_names, stats) if id_names else None)
 
 
 def _ordered(ranked: list[tuple[int, _Step]]) -> tuple[_Step, ...]:
@@ -200,26 +221,50 @@ def map_weakest(
 
 def _map(attributes: Mapping[str, Any], steps: tuple[_Step, ...], rules: MappingRules,
          stats: Stats) -> dict[str, str]:
-    out: dict[str, str] = {}
     if not attributes:
-        return out
-    joined: str | None = None
+        return {}
+    return _run(attributes, _resolve(tuple(attributes), steps), rules, stats)
+
+
+def _resolve(names: tuple[str, ...], steps: tuple[_Step, ...]) -> tuple[_Op, ...]:
+    """`steps` (weakest first) against the attribute names present: what to read, in order."""
+    present = frozenset(names)
+    ops: list[_Op] = []
     for kind, name, key in steps:
         if kind == "name":
-            if name in attributes:
-                _put(out, key, attributes[name], rules, stats)
+            if name in present:
+                ops.append((_value_op(key), name, key))
         elif kind == "json":
-            if name in attributes:
-                _put_json(out, name, attributes[name], rules, stats)
-        else:  # a prefix: "prefix", or "jsonprefix" whose values may be JSON-encoded strings
-            if joined is None:
-                joined = "\0".join(attributes)
-            if name in joined:
-                decode = kind == "jsonprefix"
-                for attr, value in attributes.items():
-                    if attr.startswith(name):
-                        _put(out, attr[len(name):], _json_string(value) if decode else value,
-                             rules, stats)
+            if name in present:
+                ops.append(("json", name, ""))
+        elif kind == "jsonprefix":  # values may be JSON-encoded strings
+            ops += [("jsonvalue", a, a[len(name):]) for a in names if a.startswith(name)]
+        else:
+            ops += [(_value_op(a[len(name):]), a, a[len(name):])
+                    for a in names if a.startswith(name)]
+    return tuple(ops)
+
+
+def _value_op(key: str) -> str:
+    """"value" for a key `_put` would keep (its values then need only their own test), else
+    "put" (`_put` drops it, counted, each time)."""
+    return "value" if 0 < len(key) <= MAX_KEY_LENGTH else "put"
+
+
+def _run(attributes: Mapping[str, Any], ops: tuple[_Op, ...], rules: MappingRules,
+         stats: Stats) -> dict[str, str]:
+    out: dict[str, str] = {}
+    limit = rules.max_value_length
+    for read, attr, key in ops:
+        value = attributes[attr]
+        if read == "value" and type(value) is str and len(value) <= limit:
+            out[key] = value  # the common case, as `_put` puts it, without two calls
+        elif read == "json":
+            _put_json(out, attr, value, rules, stats)
+        elif read == "jsonvalue":
+            _put(out, key, _json_string(value), rules, stats)
+        else:
+            _put(out, key, value, rules, stats)
     return out
 
 

@@ -117,7 +117,11 @@ class MetadataSpanProcessor(SpanProcessor):
         self._started: dict[int, tuple[Any, ...]] = {}
         self._baggage: tuple[object, bool] = (None, False)  # (last baggage seen, relevant?)
         self._tool_keys: frozenset[str] = frozenset()  # other tools' context keys (conventions)
-        self._fast = _private_fields_readable()
+        # Every context key on_start reads: ours, baggage's, other tools'.
+        self._watched: frozenset[str] = frozenset()
+        # The SDK's span type when the probe found its private fields as on_end reads them;
+        # None: the public API for every span.
+        self._fast: type | None = ReadableSpan if _private_fields_readable() else None
         self._unhook: Callable[[], None] | None = None  # removes our SIGTERM handler
         if s.disabled:
             _logger.info("otel-metadata: OTEL_SDK_DISABLED=true; metadata processor inert")
@@ -137,6 +141,7 @@ class MetadataSpanProcessor(SpanProcessor):
             return
         self._ended = self._pipeline.intake.ended
         self._tool_keys = self._pipeline.rules.context_keys
+        self._watched = self._tool_keys | {_CONTEXT_KEY, _BAGGAGE_KEY}
         if s.handle_sigterm:
             self._unhook = flush_on_sigterm(self._flush_on_sigterm, s.shutdown_timeout_s)
 
@@ -161,6 +166,8 @@ class MetadataSpanProcessor(SpanProcessor):
             return
         try:
             ctx = _current_context() if parent_context is None else parent_context
+            if self._watched.isdisjoint(ctx):  # most spans: one set test in C over its few keys
+                return
             values = ctx.get(_CONTEXT_KEY)
             bag = ctx.get(_BAGGAGE_KEY)
             if bag:
@@ -185,7 +192,7 @@ class MetadataSpanProcessor(SpanProcessor):
         if ended is None:
             return
         try:
-            if self._fast and type(span) is ReadableSpan:
+            if type(span) is self._fast:
                 try:
                     # The SDK's own span: its fields read directly, not through properties, and
                     # its attributes from the plain dict inside the SDK's BoundedAttributes,
@@ -196,7 +203,7 @@ class MetadataSpanProcessor(SpanProcessor):
                     attrs = raw._dict if type(raw) is BoundedAttributes else (raw or {})
                     resource = span._resource
                 except AttributeError:  # an SDK that renamed them since the probe
-                    self._fast = False
+                    self._fast = None
                     ctx, parent, attrs, resource = _public_fields(span)
             else:  # another SDK version, a wrapper: the public API
                 ctx, parent, attrs, resource = _public_fields(span)
