@@ -127,6 +127,8 @@ def test_any_attributes_give_bounded_str_to_str_of_mapped_keys_only(attrs, limit
     out = map_attributes(attrs, rules, Stats())
     allowed = {"user_id", "conversation_id"} | {
         k[len("promptlayer.metadata."):] for k in attrs if k.startswith("promptlayer.metadata.")}
+    if "metadata" in attrs:  # OpenInference's JSON attribute: not an object, kept as it is
+        allowed.add("metadata")
     for key, value in out.items():
         assert isinstance(key, str) and isinstance(value, str)
         assert 0 < len(key) <= MAX_KEY_LENGTH and len(value) <= limit

@@ -21,7 +21,7 @@ from .config import Settings
 from .conventions import chosen
 from .delivery import Delivery
 from .forking import ForkGuard
-from .intake import MAX_BACKLOG, Intake, Started
+from .intake import MAX_BACKLOG, SPOOL_GATHER_S, Intake, Started
 from .lineage import TraceJoin
 from .mapping import MappingRules, RequestId, map_values
 from .metrics import Metrics
@@ -62,7 +62,8 @@ class Pipeline:
                               required=s.required_keys,
                               hold=self._hold if s.spool_dir else None)
         self.delivery.on_drop = self.join.unsend
-        self.intake = Intake(self.join, self.rules, self.counters, max_wait_s=s.max_trace_wait_s)
+        self.intake = Intake(self.join, self.rules, self.counters, max_wait_s=s.max_trace_wait_s,
+                             gather_s=SPOOL_GATHER_S if s.spool_dir else None)
         self.intake.store_full = lambda: len(self.delivery) >= s.max_queue_size
         self.metrics = Metrics(self.counters.snapshot, queue_size=lambda: len(self.delivery),
                                handoff_size=lambda: len(self.intake),
