@@ -65,6 +65,8 @@ _AWAKE = 1 << 62
 # (metadata_context values, baggage) or (metadata_context values, baggage, other tools' context
 # values by context key: `MappingRules.context_keys`, or `conventions.CONTEXT_KEYS`).
 Started = tuple[Any, ...]
+# What `MappingRules.read` makes of a span's attributes: metadata, fallback, request ID.
+Read = tuple[dict[str, str], "dict[str, str] | None", "RequestId | None"]
 _Item = tuple[int, int, Any, Any, Any, Any]
 
 
@@ -311,6 +313,7 @@ class Intake:
 
     def _drain_locked(self, count: int) -> None:
         inbox, join, pending, span_data = self._inbox, self._join, self._pending, self._span_data
+        rules, stats = self._rules, self._stats
         for _ in range(count):
             # Left in the inbox until joined, so `ended` still sees that its trace may be held.
             item = inbox[0]
@@ -319,10 +322,17 @@ class Intake:
                     self._join_link(item)
                     pending.discard(item.trace_id)
                 elif item[3] is not None:  # type: ignore[index]  # it carries something
-                    join.add(span_data(item))  # type: ignore[arg-type]
+                    parent = item[2]  # type: ignore[index]
+                    read = rules.read(item[3], stats)  # type: ignore[index]
+                    # Most such spans are local roots of traces without a request (a handler
+                    # with a user ID): remembered for a late request, with no SpanData.
+                    if not (read[2] is None and (parent is None or parent[2]) and join.remember(
+                            item[0], item[1], parent[1] if parent is not None else None,  # type: ignore[index]
+                            read[0], read[1])):
+                        join.add(span_data(item, read))  # type: ignore[arg-type]
                     pending.discard(item[0])  # type: ignore[index]
                 elif join.holds(item[0]):  # type: ignore[index]
-                    join.add(span_data(item))  # type: ignore[arg-type]
+                    join.add(span_data(item, None))  # type: ignore[arg-type]
                 else:
                     parent = item[2]  # type: ignore[index]
                     if parent is not None and not parent[2]:
@@ -332,12 +342,10 @@ class Intake:
             finally:
                 inbox.popleft()
 
-    def _span_data(self, item: _Item) -> SpanData:
+    def _span_data(self, item: _Item, read: Read | None = None) -> SpanData:
+        """`read`: what `MappingRules.read` made of the span's attributes (None: nothing)."""
         trace_id, span_id, parent, attrs, started, resource = item
-        if attrs:
-            metadata, fallback, request_id = self._rules.read(attrs, self._stats)
-        else:
-            metadata, fallback, request_id = {}, None, None
+        metadata, fallback, request_id = read or ({}, None, None)
         context_md = resource_md = None
         # Only a request span needs its start context and resource: one by its attribute, or
         # one a link named before it ended (in a held trace).

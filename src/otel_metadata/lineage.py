@@ -220,7 +220,24 @@ class TraceJoin:
                                fallback=dict(fallback) if fallback else None))
         return True
 
+    def remember(self, trace_id: int, span_id: int, parent_id: int | None,
+                 metadata: Mapping[str, str], fallback: Mapping[str, str] | None) -> bool:
+        """A local root that carries no request ID ended: remember it, as `add` would, when
+        nothing of its trace is held or remembered (most such roots), without a `SpanData`.
+        False when it must be added as a span instead (or, inside our own work, skipped)."""
+        if trace_id in self.traces or trace_id in self.ended_roots or self._owner is not None:
+            return False
+        with self._lock:
+            if trace_id in self.traces or trace_id in self.ended_roots:
+                return False
+            self._remember(trace_id, span_id, parent_id, metadata, fallback)
+        return True
+
     def _remember_root(self, span: SpanData) -> None:
+        self._remember(span.trace_id, span.span_id, span.parent_id, span.metadata, span.fallback)
+
+    def _remember(self, trace_id: int, span_id: int, parent_id: int | None,
+                  metadata: Mapping[str, str], fallback: Mapping[str, str] | None) -> None:
         roots = self.ended_roots
         now = self._clock()
         held = len(roots)
@@ -232,9 +249,8 @@ class TraceJoin:
                 roots.popitem(last=False)
         # Tuples of numbers and strings only: the garbage collector stops tracking them, so
         # thousands of remembered roots cost its collections nothing.
-        roots[span.trace_id] = (now + self._wait, span.span_id, span.parent_id,
-                                tuple(span.metadata.items()),
-                                tuple(span.fallback.items()) if span.fallback else ())
+        roots[trace_id] = (now + self._wait, span_id, parent_id, tuple(metadata.items()),
+                           tuple(fallback.items()) if fallback else ())
 
     def _add(self, span: SpanData) -> None:
         tid = span.trace_id
