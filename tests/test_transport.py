@@ -34,7 +34,7 @@ from hypothesis import strategies as st
 
 from otel_metadata import http1
 from otel_metadata.stats import Stats
-from otel_metadata.testing._http import LocalServer
+from otel_metadata.testing._http import JSONHandler, LocalServer
 from otel_metadata.testing.track_metadata import PATH, TrackMetadataServer
 from otel_metadata.transport import CA_BUNDLE_VARS, Connection, Outcome, Transport
 
@@ -403,16 +403,8 @@ class Scripted(LocalServer):
             return self.script.popleft() if self.script else self.default
 
 
-class _ScriptedHandler(BaseHTTPRequestHandler):
+class _ScriptedHandler(JSONHandler):
     owner: Scripted
-    protocol_version = "HTTP/1.1"
-
-    def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - the base's name
-        pass
-
-    def setup(self) -> None:
-        super().setup()
-        self.owner.connected()
 
     def finish(self) -> None:
         super().finish()
