@@ -10,11 +10,11 @@ does not make every future flush return False.
 Two POSTs for one request ID are never in flight at once: the API replaces a key on every POST,
 so an older value arriving last would win.
 
-Beware: `put` runs on the lineage worker, which must never wait for a lock the senders hold
+Beware: `put` runs on the lineage worker, which must never wait for a lock the sender holds
 (a sender that loses the GIL inside it would stall the join). So `put` only appends to a
 hand-off deque; whoever holds the queue's lock next folds the hand-off into the queue, `put`
-itself when the lock is free. Waiting threads (senders, flushes) each park on a lock of their
-own and are woken one at a time, only when there is something for them: never all at once.
+itself when the lock is free. Whoever waits (delivery's loop through its waker, a flush on a
+lock of its own) is woken once, only when there is something for it: never all at once.
 
 A durable store (`spool.SpoolQueue`) subclasses `RecordQueue` through one hook, `_store`, which
 puts the record on disk before it is handed over, and extends `ack`, `flush` and `close`.
@@ -117,7 +117,7 @@ _Handed = tuple[RequestId, "dict[str, str] | None", int]
 
 
 class RecordQueue:
-    """A bounded map request ID → pending metadata; senders `take` entries when they are due.
+    """A bounded map request ID → pending metadata; delivery takes entries when they are due.
 
     An entry is due when it has waited `delay_s`, when it is one of `max_batch` entries pending
     (the whole batch is then due), when a flush covers it, or once the queue is closing.
@@ -202,7 +202,7 @@ class RecordQueue:
                 self._lock.release()
 
     def _wake_sender(self) -> None:
-        """Wake one parked sender, if there is one (a pop is atomic: each is woken once)."""
+        """Wake one waiter, if there is one (a pop is atomic: each is woken once)."""
         try:
             parked = self._idle.popleft()
         except IndexError:
@@ -227,7 +227,7 @@ class RecordQueue:
                 pending[request_id] = Entry(request_id, dict(metadata), self._seq, now,
                                             last_seq=version)
 
-    # -- senders --
+    # -- delivery's side --
 
     def take_nowait(self, waker: Waker) -> Entry | float | None:
         """The entry due now, marked in flight; else seconds until the next one is due (None:
@@ -316,7 +316,7 @@ class RecordQueue:
             me = _Flush(self._seq)
             self._flush_to = self._seq
             if self._pending:
-                self._wake_sender()  # the rest follow, one waking the next
+                self._wake_sender()  # everything put so far is due now
             self._flushes.append(me)
             self._wake_flushes()  # at once if nothing it covers is unsettled
         finally:
