@@ -176,11 +176,9 @@ class _Waker:
             self.writer.send(b"\0")
 
     def drain(self) -> None:
-        try:
+        with contextlib.suppress(OSError):  # empty now (BlockingIOError), or closed
             while self.reader.recv(4096):
                 pass
-        except OSError:
-            pass
 
     def close(self) -> None:
         self.reader.close()
@@ -339,11 +337,7 @@ class Delivery:
             self._settle_try(post, post.conn.timed_out())  # type: ignore[union-attr]
 
     def _begin(self, entry: Entry, now: float) -> None:
-        post = _Post(entry, now + self._settings.export_timeout_s)
-        if self._key_rejected:
-            self._finish(post, "dropped.unauthorized")
-        else:
-            self._try(post, retried=False)
+        self._try(_Post(entry, now + self._settings.export_timeout_s), retried=False)
 
     def _try(self, post: _Post, retried: bool) -> None:
         """Start one POST of `post` (room under the limit was checked)."""

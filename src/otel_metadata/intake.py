@@ -322,13 +322,8 @@ class Intake:
                     self._join_link(item)
                     pending.discard(item.trace_id)
                 elif item[3] is not None:  # type: ignore[index]  # it carries something
-                    parent = item[2]  # type: ignore[index]
                     read = rules.read(item[3], stats)  # type: ignore[index]
-                    # Most such spans are local roots of traces without a request (a handler
-                    # with a user ID): remembered for a late request, with no SpanData.
-                    if not (read[2] is None and (parent is None or parent[2]) and join.remember(
-                            item[0], item[1], parent[1] if parent is not None else None,  # type: ignore[index]
-                            read[0], read[1])):
+                    if not self._remembered(item, read):  # type: ignore[arg-type]
                         join.add(span_data(item, read))  # type: ignore[arg-type]
                     pending.discard(item[0])  # type: ignore[index]
                 elif join.holds(item[0]):  # type: ignore[index]
@@ -341,6 +336,14 @@ class Intake:
                 self.error(getattr(item, "span_id", None) or item[1])  # type: ignore[index]
             finally:
                 inbox.popleft()
+
+    def _remembered(self, item: _Item, read: Read) -> bool:
+        """Most spans that carry something are local roots of traces without a request (a
+        handler with a user ID): remembered for a late request straight away, with no
+        SpanData, when the join holds nothing of their trace."""
+        trace_id, span_id, parent, _, _, _ = item
+        return read[2] is None and (parent is None or parent[2]) and self._join.remember(
+            trace_id, span_id, parent[1] if parent is not None else None, read[0], read[1])
 
     def _span_data(self, item: _Item, read: Read | None = None) -> SpanData:
         """`read`: what `MappingRules.read` made of the span's attributes (None: nothing)."""

@@ -202,7 +202,8 @@ class TraceJoin:
                 if (tid not in self.traces
                         and (tid not in self.ended_roots or not self._restore_root(tid))
                         and span.local_root and not span.request_ids):
-                    self._remember_root(span)
+                    self._remember(tid, span.span_id, span.parent_id, span.metadata,
+                                   span.fallback)
                     return
                 self._add(span)
             finally:
@@ -232,9 +233,6 @@ class TraceJoin:
                 return False
             self._remember(trace_id, span_id, parent_id, metadata, fallback)
         return True
-
-    def _remember_root(self, span: SpanData) -> None:
-        self._remember(span.trace_id, span.span_id, span.parent_id, span.metadata, span.fallback)
 
     def _remember(self, trace_id: int, span_id: int, parent_id: int | None,
                   metadata: Mapping[str, str], fallback: Mapping[str, str] | None) -> None:

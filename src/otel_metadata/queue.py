@@ -171,7 +171,7 @@ class RecordQueue:
         # The waiter must look if it is not timing the next entry's delay, or once a batch is
         # full.
         if self._idle and (not self._timer or self._batch_full()):
-            self._wake_sender()
+            self._wake_waiter()
         return True
 
     def _batch_full(self) -> bool:
@@ -201,7 +201,7 @@ class RecordQueue:
             finally:
                 self._lock.release()
 
-    def _wake_sender(self) -> None:
+    def _wake_waiter(self) -> None:
         """Wake one waiter, if there is one (a pop is atomic: each is woken once)."""
         try:
             parked = self._idle.popleft()
@@ -297,7 +297,7 @@ class RecordQueue:
             if not delivered:
                 self._fail(entry.first_seq)
             if entry.request_id in self._pending:
-                self._wake_sender()  # an update waited for this POST to end
+                self._wake_waiter()  # an update waited for this POST to end
             if self._flushes:
                 self._wake_flushes()
 
@@ -316,7 +316,7 @@ class RecordQueue:
             me = _Flush(self._seq)
             self._flush_to = self._seq
             if self._pending:
-                self._wake_sender()  # everything put so far is due now
+                self._wake_waiter()  # everything put so far is due now
             self._flushes.append(me)
             self._wake_flushes()  # at once if nothing it covers is unsettled
         finally:
@@ -380,7 +380,7 @@ class RecordQueue:
             self._inflight.clear()
             self._fail(*(e.first_seq for e in left))
             while self._idle:
-                self._wake_sender()
+                self._wake_waiter()
             self._wake_flushes()
             return left
 
