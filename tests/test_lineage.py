@@ -501,3 +501,33 @@ def test_lone_roots_are_remembered_beyond_max_traces(server, make_pipeline) -> N
             set_request_id(rid)
     assert p.flush()
     assert server.metadata == {rid: {"user_id": f"u{rid}"} for rid in range(1, 11)}
+
+
+def test_remembered_roots_are_forgotten_after_their_wait_and_bounded(monkeypatch) -> None:
+    """A lone root serves a request that ends within the wait, not after; past the bound the
+    oldest go first, each counted; memory stays within the bound however many roots end."""
+    monkeypatch.setattr("otel_metadata.lineage.MAX_REMEMBERED_ROOTS", 4096)
+    now = [0.0]
+    posted: list[tuple[object, dict[str, str]]] = []
+    stats = Stats()
+    join = TraceJoin(lambda rid, md: posted.append((rid, md)) is None, static={},
+                     max_traces=10, max_wait_s=5.0, stats=stats, clock=lambda: now[0])
+    for tid in range(1, 3001):  # 3 000 roots within one wait
+        join.add(SpanData(tid, tid, None, True, {"user_id": f"u{tid}"}))
+    now[0] = 4.0
+    join.add(SpanData(1, 10_001, 1, False, {}, request_ids=(1,)))  # still within root 1's wait
+    now[0] = 6.0  # roots 2.. are past their wait now: forgotten once the bound is reached
+    join.add(SpanData(3, 10_003, 3, False, {}, request_ids=(5,)))  # still there, not used
+    for tid in range(3001, 4201):
+        join.add(SpanData(tid, tid, None, True, {"user_id": f"u{tid}"}))
+    join.add(SpanData(2, 10_002, 2, False, {}, request_ids=(2,)))  # root 2's wait is over
+    assert len(join.ended_roots) <= 1200
+    assert stats.snapshot().get("traces_evicted", 0) == 0  # none forgotten before its wait was over
+    for tid in range(4001, 12001):  # 8 000 within one wait: twice the bound
+        join.add(SpanData(tid, tid, None, True, {"user_id": f"u{tid}"}))
+        assert len(join.ended_roots) <= 4096
+    assert stats.snapshot().get("traces_evicted", 0) > 0
+    join.add(SpanData(4001, 20_001, 4001, False, {}, request_ids=(3,)))  # evicted: oldest
+    join.add(SpanData(12000, 20_002, 12000, False, {}, request_ids=(4,)))  # the newest stays
+    join.release_all()
+    assert dict(posted) == {1: {"user_id": "u1"}, 4: {"user_id": "u12000"}}

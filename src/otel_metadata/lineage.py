@@ -55,6 +55,8 @@ Emit = Callable[[RequestId, dict[str, str]], bool]
 Hold = Callable[[RequestId, dict[str, str]], None]
 # Local roots that ended alone, remembered for `max_wait_s` in case a request below them ends late.
 MAX_REMEMBERED_ROOTS = 65_536
+# Remembered roots are looked through for ones past their wait no sooner than at this many.
+_MIN_ROOTS_LIMIT = 1024
 # Parent links remembered for spans outside held traces: two generations of this many each.
 LINK_GENERATION = 16_384
 # A local root remembered alone: when to forget, span ID, parent ID, metadata and fallback items.
@@ -143,8 +145,10 @@ class TraceJoin:
         # (`max_wait_s`, at most `MAX_REMEMBERED_ROOTS`) but cheaply: most never see another span
         # of their trace (a web handler span with `user.id` and no LLM call under it). A trace
         # enters `traces` only when another of its spans arrives. Past its wait a root is never
-        # used, and it is dropped within 64 newer ones (or as the oldest when full).
-        self.ended_roots: OrderedDict[int, _EndedRoot] = OrderedDict()
+        # used; the dict is rebuilt without such roots whenever it doubles (`_compact_roots`),
+        # so a root costs one plain dict insert, not an ordered dict's upkeep per root.
+        self.ended_roots: dict[int, _EndedRoot] = {}
+        self._roots_limit = _MIN_ROOTS_LIMIT
 
     def unsend(self, request_id: RequestId, metadata: Mapping[str, str]) -> None:
         """A record was given up on: its keys count as unsent, so a follow-up carries them."""
@@ -238,17 +242,25 @@ class TraceJoin:
                   metadata: Mapping[str, str], fallback: Mapping[str, str] | None) -> None:
         roots = self.ended_roots
         now = self._clock()
-        held = len(roots)
-        if held >= self._max_roots:  # full: the oldest goes, early if it is not due
-            if roots.popitem(last=False)[1][0] > now:
-                self._stats.add("traces_evicted")
-        elif not held & 63:  # now and then, forget the roots whose wait is over
-            while roots and next(iter(roots.values()))[0] <= now:
-                roots.popitem(last=False)
-        # Tuples of numbers and strings only: the garbage collector stops tracking them, so
-        # thousands of remembered roots cost its collections nothing.
+        # Tuples of numbers and strings only: the garbage collector stops tracking them (a
+        # tuple holding a dict it never would), so thousands of remembered roots cost its
+        # collections nothing.
         roots[trace_id] = (now + self._wait, span_id, parent_id, tuple(metadata.items()),
                            tuple(fallback.items()) if fallback else ())
+        if len(roots) >= self._roots_limit:
+            self._compact_roots(now)
+
+    def _compact_roots(self, now: float) -> None:
+        """Forget the remembered roots whose wait is over; past the bound, the oldest others
+        too (counted as `traces_evicted`), down to three quarters of it. Then let the dict grow
+        to twice what is left before the next pass: amortized, a few steps per root."""
+        kept = [item for item in self.ended_roots.items() if item[1][0] > now]
+        keep = self._max_roots * 3 // 4
+        if len(kept) > keep:  # in the order remembered: the oldest first
+            self._stats.add("traces_evicted", len(kept) - keep)
+            kept = kept[len(kept) - keep:]
+        self.ended_roots = dict(kept)  # one rebinding: on_end reads the old or the new dict
+        self._roots_limit = min(self._max_roots, max(_MIN_ROOTS_LIMIT, 2 * len(kept)))
 
     def _add(self, span: SpanData) -> None:
         tid = span.trace_id
@@ -383,7 +395,8 @@ class TraceJoin:
         self.links, self._old_links = {}, {}
         self._links_lock = threading.Lock()
         self._sent_in = {}
-        self.ended_roots = OrderedDict()
+        self.ended_roots = {}
+        self._roots_limit = _MIN_ROOTS_LIMIT
 
     @contextmanager
     def _locked(self) -> Iterator[None]:
