@@ -523,11 +523,11 @@ def test_remembered_roots_are_forgotten_after_their_wait_and_bounded(monkeypatch
     join.add(SpanData(2, 10_002, 2, False, {}, request_ids=(2,)))  # root 2's wait is over
     assert len(join.ended_roots) <= 1200
     assert stats.snapshot().get("traces_evicted", 0) == 0  # none forgotten before its wait was over
-    for tid in range(4001, 12001):  # 8 000 within one wait: twice the bound
+    for tid in range(5001, 13001):  # 8 000 new ones within one wait: twice the bound
         join.add(SpanData(tid, tid, None, True, {"user_id": f"u{tid}"}))
         assert len(join.ended_roots) <= 4096
     assert stats.snapshot().get("traces_evicted", 0) > 0
-    join.add(SpanData(4001, 20_001, 4001, False, {}, request_ids=(3,)))  # evicted: oldest
-    join.add(SpanData(12000, 20_002, 12000, False, {}, request_ids=(4,)))  # the newest stays
+    join.add(SpanData(5001, 20_001, 5001, False, {}, request_ids=(3,)))  # evicted: the oldest
+    join.add(SpanData(12000, 20_002, 12000, False, {}, request_ids=(4,)))  # recent ones stay
     join.release_all()
     assert dict(posted) == {1: {"user_id": "u1"}, 4: {"user_id": "u12000"}}

@@ -33,6 +33,7 @@ from collections import OrderedDict
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
+from itertools import islice
 
 from .mapping import RequestId
 from .stats import Stats
@@ -254,12 +255,13 @@ class TraceJoin:
         """Forget the remembered roots whose wait is over; past the bound, the oldest others
         too (counted as `traces_evicted`), down to three quarters of it. Then let the dict grow
         to twice what is left before the next pass: amortized, a few steps per root."""
-        kept = [item for item in self.ended_roots.items() if item[1][0] > now]
-        keep = self._max_roots * 3 // 4
-        if len(kept) > keep:  # in the order remembered: the oldest first
-            self._stats.add("traces_evicted", len(kept) - keep)
-            kept = kept[len(kept) - keep:]
-        self.ended_roots = dict(kept)  # one rebinding: on_end reads the old or the new dict
+        # A dict built straight from the items: no list of pairs for the collector to scan.
+        kept = {tid: root for tid, root in self.ended_roots.items() if root[0] > now}
+        over = len(kept) - self._max_roots * 3 // 4
+        if over > 0:  # in the order remembered: the oldest first
+            self._stats.add("traces_evicted", over)
+            kept = dict(islice(kept.items(), over, None))
+        self.ended_roots = kept  # one rebinding: on_end reads the old or the new dict
         self._roots_limit = min(self._max_roots, max(_MIN_ROOTS_LIMIT, 2 * len(kept)))
 
     def _add(self, span: SpanData) -> None:
