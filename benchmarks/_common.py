@@ -74,7 +74,8 @@ def verdict(ok: bool) -> str:
 
 
 class LocalServer:
-    """`TrackMetadataServer` in a subprocess; `report()` returns and resets what it received."""
+    """The benchmarks' track-metadata server (`_server.py`: one asyncio loop, validating as the
+    tests' server does) in a subprocess; `report()` returns and resets what it received."""
 
     def __init__(self, proc: subprocess.Popen[str], base_url: str) -> None:
         self._proc = proc

@@ -1,11 +1,13 @@
 """Hot path: CPU time a span processor adds to the application's own thread, per span.
 
-Three tracer providers get the same spans in turn, in small interleaved blocks (the order rotates
-every round) so machine drift falls on all three alike. Each lives in its own process, driven in
+Four tracer providers get the same spans in turn, in small interleaved blocks (the order rotates
+every round) so machine drift falls on all of them alike. Each lives in its own process, driven in
 lock-step by this one, so the garbage one provider keeps is not collected on another's time:
 
 - bare: a `TracerProvider` with no processor (the cost of making the spans at all);
 - BSP: the SDK's `BatchSpanProcessor` with an exporter that does nothing;
+- floor: a span processor whose hooks do nothing at all: what any processor written in Python
+  costs before it does anything (the SDK's calls into it), so the ratio a processor can reach;
 - ours: `MetadataSpanProcessor` at default settings (lineage join on), with an API key and the
   base URL of a local server in another process, so it is active and really posts.
 
@@ -48,8 +50,9 @@ from _common import (
     parser,
 )
 from _common import verdict as _verdict
+from opentelemetry.context import Context
 from opentelemetry.sdk.resources import Resource
-from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
+from opentelemetry.sdk.trace import ReadableSpan, Span, SpanProcessor, TracerProvider
 from opentelemetry.sdk.trace.export import BatchSpanProcessor, SpanExporter, SpanExportResult
 from opentelemetry.trace import SpanKind, Tracer
 
@@ -65,6 +68,16 @@ class NoOpExporter(SpanExporter):
         return SpanExportResult.SUCCESS
 
     def shutdown(self) -> None:
+        pass
+
+
+class FloorProcessor(SpanProcessor):
+    """Hooks that do nothing: the cost of being called at all."""
+
+    def on_start(self, span: Span, parent_context: Context | None = None) -> None:
+        pass
+
+    def on_end(self, span: ReadableSpan) -> None:
         pass
 
 
@@ -139,6 +152,8 @@ def _provider(kind: str, base_url: str) -> tuple[TracerProvider, MetadataSpanPro
     ours = None
     if kind == "bsp":
         provider.add_span_processor(BatchSpanProcessor(NoOpExporter()))
+    elif kind == "floor":
+        provider.add_span_processor(FloorProcessor())
     elif kind == "ours":
         ours = MetadataSpanProcessor(api_key=API_KEY, base_url=base_url)
         provider.add_span_processor(ours)
@@ -184,7 +199,7 @@ class _Worker:
     def __init__(self, kind: str, base_url: str, user_on_handler: bool) -> None:
         argv = [sys.executable, __file__, "--worker", kind, "--base-url", base_url,
                 "--shape", "user" if user_on_handler else "plain"]
-        # One hash seed for all three, so no worker gets luckier dict and set layouts.
+        # One hash seed for all of them, so no worker gets luckier dict and set layouts.
         env = {**clean_env_copy(), "PYTHONHASHSEED": "0"}
         self.proc = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                                      text=True, env=env)
@@ -218,7 +233,8 @@ def _repetition(workers: dict[str, _Worker], names: tuple[str, ...], rounds: int
     gc_total = dict.fromkeys(names, 0.0)
     process_before = {n: workers[n].ask("cpu") for n in names}
     for r in range(rounds):
-        for name in names[r % 3:] + names[:r % 3]:
+        k = r % len(names)
+        for name in names[k:] + names[:k]:
             cpu, gc_s = workers[name].ask(f"run {block}")
             net[name].append((cpu - gc_s) / spans * 1e6)
             gc_total[name] += gc_s
@@ -235,11 +251,12 @@ def _repetition(workers: dict[str, _Worker], names: tuple[str, ...], rounds: int
             gc_us[name] - gc_us["bare"]
         out[f"{name}_process_added_us"] = process_us[name] - process_us["bare"]
     out["ratio"] = out["ours_added_us"] / out["bsp_added_us"]
+    out["floor_ratio"] = out["floor_added_us"] / out["bsp_added_us"]
     return out
 
 
 def measure(reps: int, rounds: int, block: int, user_on_handler: bool) -> dict[str, Any]:
-    names = ("bare", "bsp", "ours")
+    names = ("bare", "bsp", "floor", "ours")
     with local_server() as server:
         workers = {n: _Worker(n, server.base_url, user_on_handler) for n in names}
         try:
@@ -250,7 +267,7 @@ def measure(reps: int, rounds: int, block: int, user_on_handler: bool) -> dict[s
                     workers[name].ask(f"run {block}")
             per_rep = [_repetition(workers, names, rounds, block) for _ in range(reps)]
             finished = workers["ours"].ask("finish")
-            for name in ("bare", "bsp"):
+            for name in ("bare", "bsp", "floor"):
                 workers[name].ask("finish")
         finally:
             for w in workers.values():
@@ -265,6 +282,7 @@ def measure(reps: int, rounds: int, block: int, user_on_handler: bool) -> dict[s
         out[key] = median([r[key] for r in per_rep])
     # The ratio of the medians: steadier than the median of ratios of two small differences.
     out["ratio"] = out["ours_added_us"] / out["bsp_added_us"]
+    out["floor_ratio"] = out["floor_added_us"] / out["bsp_added_us"]
     out.update({
         "per_rep": per_rep,
         "ours_flushed": finished.get("flushed"),
@@ -293,6 +311,8 @@ def report(res: dict[str, Any]) -> str:
         f"  bare provider, per span (reference)      {res['bare_us']:7.2f} µs",
         f"  + BatchSpanProcessor(no-op exporter)    +{res['bsp_added_us']:7.2f} µs   (baseline;"
         f" of which GC {res['bsp_gc_us']:.2f})",
+        f"  + a processor whose hooks do nothing    +{res['floor_added_us']:7.2f} µs   (the "
+        f"floor of any Python processor: ratio {res['floor_ratio']:.2f})",
         f"  + MetadataSpanProcessor (defaults)      +{res['ours_added_us']:7.2f} µs   "
         f"(of which GC {res['ours_gc_us']:.2f})",
         f"  (with plain means instead of paired medians: BSP +{res['bsp_added_mean_us']:.2f}, "
@@ -318,7 +338,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--shape", choices=("both", *SHAPES), default="both",
                    help="user: handler spans carry user.id (the documented pattern); plain: "
                         "they carry server.address instead, nothing for us")
-    p.add_argument("--worker", choices=("bare", "bsp", "ours"), help=argparse.SUPPRESS)
+    p.add_argument("--worker", choices=("bare", "bsp", "floor", "ours"), help=argparse.SUPPRESS)
     p.add_argument("--base-url", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.worker:

@@ -5,9 +5,12 @@ queue → POST), at default settings. The app makes traces shaped like an LLM ap
 span (SERVER, 6 attributes, `user.id` among them) with an LLM child span (CLIENT, 6 `gen_ai.*`
 attributes); one trace in `REQUEST_EVERY` is a request (its LLM span carries
 `promptlayer.request_id`), so one span in 20 is a request span. 2 000 request IDs, after a
-warm-up. Each variant runs in its own process; its CPU (`time.process_time()`, all threads) from
-the first span to everything delivered, minus a bare provider's for the same spans, divided by
-the request IDs, is its cost per delivered record. Beside ours, in the same run:
+warm-up. Each variant runs in its own process, all of them side by side and driven in lock-step,
+in blocks of 50 request IDs whose order rotates, so that the machine's drift falls on all alike.
+A variant's cost per delivered record is its app thread's added CPU (the median, over blocks, of
+its block's `time.thread_time()` minus bare's block) plus all its other threads' CPU over the
+run, flush included (`time.process_time()` minus the app thread), divided by the request IDs;
+the unpaired whole-run difference is printed too. Beside ours, in the same run:
 
 - vendor: the PromptLayer SDK's way, one blocking `requests.post` per request on the app's
   thread (no processor);
@@ -137,8 +140,10 @@ def thread_cpu() -> dict[str, float]:
 
 # -- cpu: one variant in its own process --
 
-def cpu_worker(variant: str, base_url: str, sink_url: str, ids: int, warmup: int,
-               trace_rate: float) -> int:
+def cpu_worker(variant: str, base_url: str, sink_url: str, trace_rate: float) -> int:
+    """One variant in its own process, driven by lines on stdin: ``run N`` makes the traces of
+    N request IDs (paced) and prints this block's app-thread CPU seconds; ``start`` begins the
+    measured phase; ``finish`` flushes and prints the phase's CPU (all threads, by thread)."""
     clean_environment()
     provider = TracerProvider(resource=Resource.create({"service.name": "bench-app"}))
     flush: Any = provider.force_flush
@@ -161,24 +166,30 @@ def cpu_worker(variant: str, base_url: str, sink_url: str, ids: int, warmup: int
                           headers={"X-API-KEY": API_KEY}, timeout=10)
         app.on_request = track
 
-    def run(n_ids: int) -> None:
-        _paced(app, trace_rate, n_ids * REQUEST_EVERY / trace_rate, lambda: None)
-        assert flush(60_000), f"{variant}: flush failed"
-
-    run(warmup)
-    threads_before = thread_cpu()
-    t0 = time.process_time()
-    app_t0 = time.thread_time()
-    run(ids)
-    app_s = time.thread_time() - app_t0
-    cpu_s = time.process_time() - t0
-    threads = {k: v - threads_before.get(k, 0.0) for k, v in thread_cpu().items()}
-    threads["threads that ended"] = cpu_s - sum(threads.values())
-    result: dict[str, Any] = {"cpu_s": cpu_s, "app_s": app_s, "threads_s": threads}
-    if ours is not None:
-        result["stats"] = ours.stats()
-    provider.shutdown()
-    print(json.dumps(result), flush=True)
+    threads_before: dict[str, float] = {}
+    t0 = app_t0 = 0.0
+    for line in sys.stdin:
+        command, *args = line.split()
+        if command == "run":
+            block = time.thread_time()
+            _paced(app, trace_rate, int(args[0]) * REQUEST_EVERY / trace_rate, lambda: None)
+            print(json.dumps(time.thread_time() - block), flush=True)
+        elif command == "start":
+            assert flush(60_000), f"{variant}: flush failed"
+            threads_before = thread_cpu()
+            t0, app_t0 = time.process_time(), time.thread_time()
+            print("[]", flush=True)
+        elif command == "finish":
+            assert flush(60_000), f"{variant}: flush failed"
+            cpu_s, app_s = time.process_time() - t0, time.thread_time() - app_t0
+            threads = {k: v - threads_before.get(k, 0.0) for k, v in thread_cpu().items()}
+            threads["threads that ended"] = cpu_s - sum(threads.values())
+            result: dict[str, Any] = {"cpu_s": cpu_s, "app_s": app_s, "threads_s": threads}
+            if ours is not None:
+                result["stats"] = ours.stats()
+            provider.shutdown()
+            print(json.dumps(result), flush=True)
+            break
     return 0
 
 
@@ -208,42 +219,84 @@ def sink_main() -> int:
 
 def _sub(*args: str) -> subprocess.Popen[str]:
     return subprocess.Popen([sys.executable, __file__, *args], stdin=subprocess.PIPE,
-                            stdout=subprocess.PIPE, text=True, env=clean_env_copy())
+                            stdout=subprocess.PIPE, text=True,
+                            env={**clean_env_copy(), "PYTHONHASHSEED": "0"})
 
 
-def measure_cpu(reps: int, ids: int, trace_rate: float) -> dict[str, Any]:
+def measure_cpu(reps: int, ids: int, trace_rate: float, block: int = 50) -> dict[str, Any]:
+    """The variants run side by side in lock-step, in blocks of `block` request IDs whose
+    order rotates, so that machine drift falls on all alike. The app thread's added CPU is the
+    median over blocks of the paired difference to bare's block (one disturbed block does not
+    swing it); the background threads' CPU (none for bare) is counted whole, flush included."""
     sink = _sub("--sink")
     assert sink.stdout is not None and sink.stdin is not None
     sink_url = sink.stdout.readline().strip()
     runs: dict[str, list[dict[str, Any]]] = {v: [] for v in VARIANTS}
+    app_added: dict[str, list[float]] = {v: [] for v in VARIANTS[1:]}  # µs per request ID
+    blocks = max(1, ids // block)
     try:
         with local_server() as server:
-            for r in range(reps):
-                for variant in VARIANTS[r % 4:] + VARIANTS[:r % 4]:
-                    proc = _sub("--cpu-worker", variant, "--base-url", server.base_url,
-                                "--sink-url", sink_url, "--ids", str(ids),
-                                "--trace-rate", str(trace_rate))
-                    out, _ = proc.communicate()
-                    if proc.returncode != 0:
-                        raise RuntimeError(f"{variant} worker failed ({proc.returncode})")
-                    runs[variant].append(json.loads(out.splitlines()[-1]))
-                    server.report()  # forget what it got
+            for _ in range(reps):
+                workers = {v: _Driven(v, server.base_url, sink_url, trace_rate)
+                           for v in VARIANTS}
+                try:
+                    for w in workers.values():  # warm-up: caches, connections, BSP's queue
+                        w.ask(f"run {max(100, ids // 10)}")
+                        w.ask("start")
+                    for b in range(blocks):
+                        k = b % len(VARIANTS)
+                        app = {v: workers[v].ask(f"run {block}")
+                               for v in VARIANTS[k:] + VARIANTS[:k]}
+                        for v in VARIANTS[1:]:
+                            app_added[v].append((app[v] - app["bare"]) / block * 1e6)
+                    for v in VARIANTS:
+                        runs[v].append(workers[v].ask("finish"))
+                finally:
+                    for w in workers.values():
+                        w.close()
+                server.report()  # forget what it got
     finally:
         sink.stdin.close()
         sink.wait()
+    n = blocks * block
     bare = median([r["cpu_s"] for r in runs["bare"]])
-    out: dict[str, Any] = {"ids": ids, "reps": reps, "request_every": REQUEST_EVERY,
-                           "trace_rate": trace_rate,
-                           "bare_us_per_span": bare / (ids * REQUEST_EVERY * 2) * 1e6}
+    out: dict[str, Any] = {"ids": n, "reps": reps, "block": block,
+                           "request_every": REQUEST_EVERY, "trace_rate": trace_rate,
+                           "bare_us_per_span": bare / (n * REQUEST_EVERY * 2) * 1e6}
     for v in VARIANTS[1:]:
-        out[f"{v}_us"] = (median([r["cpu_s"] for r in runs[v]]) - bare) / ids * 1e6
-    bare_app = median([r["app_s"] for r in runs["bare"]])
-    out["ours_app_us"] = (median([r["app_s"] for r in runs["ours"]]) - bare_app) / ids * 1e6
+        background = median([r["cpu_s"] - r["app_s"] for r in runs[v]]) / n * 1e6
+        out[f"{v}_app_us"] = median(app_added[v])
+        out[f"{v}_us"] = out[f"{v}_app_us"] + background
+        # The unpaired estimate, for comparison: whole-run CPU over bare's whole-run CPU.
+        out[f"{v}_unpaired_us"] = (median([r["cpu_s"] for r in runs[v]]) - bare) / n * 1e6
     names = {k for r in runs["ours"] for k in r["threads_s"]}
     out["ours_threads_us"] = {k: median([r["threads_s"].get(k, 0.0) for r in runs["ours"]])
-                              / ids * 1e6 for k in sorted(names)}
+                              / n * 1e6 for k in sorted(names)}
     out["ours_stats"] = runs["ours"][-1].get("stats")
     return out
+
+
+class _Driven:
+    """A `cpu_worker` process, asked one line at a time."""
+
+    def __init__(self, variant: str, base_url: str, sink_url: str, trace_rate: float) -> None:
+        self.variant = variant
+        self.proc = _sub("--cpu-worker", variant, "--base-url", base_url, "--sink-url",
+                         sink_url, "--trace-rate", str(trace_rate))
+
+    def ask(self, command: str) -> Any:
+        assert self.proc.stdin is not None and self.proc.stdout is not None
+        self.proc.stdin.write(command + "\n")
+        self.proc.stdin.flush()
+        answer = self.proc.stdout.readline()
+        if not answer:
+            raise RuntimeError(f"{self.variant} worker died (exit {self.proc.wait()})")
+        return json.loads(answer)
+
+    def close(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+        self.proc.wait()
 
 
 def report_cpu(res: dict[str, Any]) -> str:
@@ -259,7 +312,10 @@ def report_cpu(res: dict[str, Any]) -> str:
         f" per request ID",
         f"  ours (defaults), per delivered record              +{res['ours_us']:7.0f} µs"
         f"   (target <= {CPU_TARGET_US:.0f})  {verdict(ok)}",
-        f"    of which on the app thread                       +{res['ours_app_us']:7.0f} µs",
+        f"    of which on the app thread                       +{res['ours_app_us']:7.0f} µs"
+        f"   (paired blocks; vendor +{res['vendor_app_us']:.0f}, otlp +{res['otlp_app_us']:.0f})",
+        f"  (unpaired, whole runs over bare's: vendor +{res['vendor_unpaired_us']:.0f}, otlp "
+        f"+{res['otlp_unpaired_us']:.0f}, ours +{res['ours_unpaired_us']:.0f} µs)",
         "    by thread (µs per record, not over bare): " + ", ".join(
             f"{k} {v:.0f}" for k, v in res["ours_threads_us"].items()),
     ]
@@ -463,8 +519,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.sink:
         return sink_main()
     if args.cpu_worker:
-        return cpu_worker(args.cpu_worker, args.base_url, args.sink_url, args.ids,
-                          warmup=max(100, args.ids // 10), trace_rate=args.trace_rate)
+        return cpu_worker(args.cpu_worker, args.base_url, args.sink_url, args.trace_rate)
     parts = args.only or ["cpu", "load", "ratio"]
     res: dict[str, Any] = {"machine": machine()}
     ok = True
