@@ -1,4 +1,5 @@
-"""Helpers shared by the benchmark scripts: machine info, medians, a local server subprocess.
+"""Helpers shared by the benchmark scripts: machine info, medians, a local server subprocess,
+worker processes driven one command line at a time.
 
 The track-metadata server runs in its own process (`_server.py`), so its request handling does
 not share the GIL with the process being measured, as a real remote API would not.
@@ -115,3 +116,29 @@ def local_server(latency_s: float = 0.0, api_key: str = API_KEY) -> Iterator[Loc
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait()
+
+
+class Driven:
+    """A benchmark's worker process (this script again, with `args`), driven in lock-step: each
+    `ask` writes one command line and reads one JSON answer. Every worker gets one hash seed, so
+    none gets luckier dict and set layouts."""
+
+    def __init__(self, script: str, *args: str) -> None:
+        self.name = " ".join(args)
+        self.proc = subprocess.Popen([sys.executable, script, *args], stdin=subprocess.PIPE,
+                                     stdout=subprocess.PIPE, text=True,
+                                     env={**clean_env_copy(), "PYTHONHASHSEED": "0"})
+
+    def ask(self, command: str) -> Any:
+        assert self.proc.stdin is not None and self.proc.stdout is not None
+        self.proc.stdin.write(command + "\n")
+        self.proc.stdin.flush()
+        answer = self.proc.stdout.readline()
+        if not answer:
+            raise RuntimeError(f"benchmark worker {self.name} died (exit {self.proc.wait()})")
+        return json.loads(answer)
+
+    def close(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+        self.proc.wait()

@@ -33,7 +33,6 @@ from __future__ import annotations
 import argparse
 import gc
 import json
-import subprocess
 import sys
 import time
 from collections.abc import Sequence
@@ -41,7 +40,7 @@ from typing import Any
 
 from _common import (
     API_KEY,
-    clean_env_copy,
+    Driven,
     clean_environment,
     emit,
     local_server,
@@ -195,31 +194,12 @@ def worker(kind: str, base_url: str, user_on_handler: bool) -> int:
     return 0
 
 
-class _Worker:
-    def __init__(self, kind: str, base_url: str, user_on_handler: bool) -> None:
-        argv = [sys.executable, __file__, "--worker", kind, "--base-url", base_url,
-                "--shape", "user" if user_on_handler else "plain"]
-        # One hash seed for all of them, so no worker gets luckier dict and set layouts.
-        env = {**clean_env_copy(), "PYTHONHASHSEED": "0"}
-        self.proc = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                                     text=True, env=env)
-
-    def ask(self, command: str) -> Any:
-        assert self.proc.stdin is not None and self.proc.stdout is not None
-        self.proc.stdin.write(command + "\n")
-        self.proc.stdin.flush()
-        answer = self.proc.stdout.readline()
-        if not answer:
-            raise RuntimeError(f"benchmark worker died (exit {self.proc.wait()})")
-        return json.loads(answer)
-
-    def close(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.kill()
-        self.proc.wait()
+def _worker(kind: str, base_url: str, user_on_handler: bool) -> Driven:
+    return Driven(__file__, "--worker", kind, "--base-url", base_url,
+                  "--shape", "user" if user_on_handler else "plain")
 
 
-def _repetition(workers: dict[str, _Worker], names: tuple[str, ...], rounds: int,
+def _repetition(workers: dict[str, Driven], names: tuple[str, ...], rounds: int,
                 block: int) -> dict[str, float]:
     """One repetition: `rounds` rounds of one block per provider, the order rotating.
 
@@ -258,7 +238,7 @@ def _repetition(workers: dict[str, _Worker], names: tuple[str, ...], rounds: int
 def measure(reps: int, rounds: int, block: int, user_on_handler: bool) -> dict[str, Any]:
     names = ("bare", "bsp", "floor", "ours")
     with local_server() as server:
-        workers = {n: _Worker(n, server.base_url, user_on_handler) for n in names}
+        workers = {n: _worker(n, server.base_url, user_on_handler) for n in names}
         try:
             # Warm-up to a steady state: BSP's queue cycling, our join remembering max_traces
             # roots, the sender connections open.

@@ -55,6 +55,7 @@ from urllib.parse import urlsplit
 
 from _common import (
     API_KEY,
+    Driven,
     clean_env_copy,
     clean_environment,
     emit,
@@ -219,8 +220,7 @@ def sink_main() -> int:
 
 def _sub(*args: str) -> subprocess.Popen[str]:
     return subprocess.Popen([sys.executable, __file__, *args], stdin=subprocess.PIPE,
-                            stdout=subprocess.PIPE, text=True,
-                            env={**clean_env_copy(), "PYTHONHASHSEED": "0"})
+                            stdout=subprocess.PIPE, text=True, env=clean_env_copy())
 
 
 def measure_cpu(reps: int, ids: int, trace_rate: float, block: int = 50) -> dict[str, Any]:
@@ -237,8 +237,9 @@ def measure_cpu(reps: int, ids: int, trace_rate: float, block: int = 50) -> dict
     try:
         with local_server() as server:
             for _ in range(reps):
-                workers = {v: _Driven(v, server.base_url, sink_url, trace_rate)
-                           for v in VARIANTS}
+                workers = {v: Driven(__file__, "--cpu-worker", v, "--base-url",
+                                     server.base_url, "--sink-url", sink_url,
+                                     "--trace-rate", str(trace_rate)) for v in VARIANTS}
                 try:
                     for w in workers.values():  # warm-up: caches, connections, BSP's queue
                         w.ask(f"run {max(100, ids // 10)}")
@@ -274,29 +275,6 @@ def measure_cpu(reps: int, ids: int, trace_rate: float, block: int = 50) -> dict
                               / n * 1e6 for k in sorted(names)}
     out["ours_stats"] = runs["ours"][-1].get("stats")
     return out
-
-
-class _Driven:
-    """A `cpu_worker` process, asked one line at a time."""
-
-    def __init__(self, variant: str, base_url: str, sink_url: str, trace_rate: float) -> None:
-        self.variant = variant
-        self.proc = _sub("--cpu-worker", variant, "--base-url", base_url, "--sink-url",
-                         sink_url, "--trace-rate", str(trace_rate))
-
-    def ask(self, command: str) -> Any:
-        assert self.proc.stdin is not None and self.proc.stdout is not None
-        self.proc.stdin.write(command + "\n")
-        self.proc.stdin.flush()
-        answer = self.proc.stdout.readline()
-        if not answer:
-            raise RuntimeError(f"{self.variant} worker died (exit {self.proc.wait()})")
-        return json.loads(answer)
-
-    def close(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.kill()
-        self.proc.wait()
 
 
 def report_cpu(res: dict[str, Any]) -> str:
