@@ -48,7 +48,8 @@ def summary(results: dict[str, Any]) -> list[str]:
                 f"hot path ({res['shape']['title'].split(',')[0]}: "
                 f"{res['shape']['title'].split(', ', 1)[1]}): ours +{res['ours_added_us']:.2f} µs"
                 f"/span vs BSP +{res['bsp_added_us']:.2f} -> ratio {res['ratio']:.2f} "
-                f"(<= 0.35) {verdict(res['ratio'] <= 0.35)}")
+                f"(<= 0.35) {verdict(res['ratio'] <= 0.35)}; hooks that do nothing: "
+                f"{res['floor_ratio']:.2f}")
     dlv = results.get("bench_delivery.py")
     if dlv:
         lines.append(
