@@ -20,12 +20,11 @@ import json
 import selectors
 import sys
 from email.utils import formatdate
+from http import HTTPStatus
 from typing import Any
 
 from otel_metadata.testing.track_metadata import PATH, validate
 
-_REASONS = {200: "OK", 400: "Bad Request", 401: "Unauthorized", 404: "Not Found",
-            405: "Method Not Allowed", 411: "Length Required", 422: "Unprocessable Entity"}
 _MAX_HEAD = 64 * 1024
 _SERVER = "otel-metadata-bench asyncio/" + sys.version.split()[0]
 _MAX_BODY = 1024 * 1024
@@ -123,7 +122,7 @@ class _Connection(asyncio.Protocol):
     def _answer(self, status: int, payload: Any, close: bool = False) -> None:
         body = json.dumps(payload).encode()
         # The head `http.server` sends (Server, Date), so a client parses what it did before.
-        data = (f"HTTP/1.1 {status} {_REASONS.get(status, 'Error')}\r\nServer: {_SERVER}\r\n"
+        data = (f"HTTP/1.1 {status} {HTTPStatus(status).phrase}\r\nServer: {_SERVER}\r\n"
                 f"Date: {formatdate(usegmt=True)}\r\nContent-Type: application/json\r\n"
                 f"Content-Length: {len(body)}\r\n"
                 + ("Connection: close\r\n" if close else "") + "\r\n").encode() + body
