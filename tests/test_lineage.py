@@ -6,9 +6,10 @@ import asyncio
 import contextvars
 import logging
 import threading
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
+from typing import Any
 
 from conftest import request_in, wait_for
 from opentelemetry import baggage, context, trace
@@ -480,7 +481,7 @@ def test_a_chain_completed_after_its_root_ended_posts_at_once() -> None:
     request; the request goes out when the chain is complete, not at the end of the wait."""
     posted: list[tuple[object, dict[str, str]]] = []
     join = TraceJoin(lambda rid, md: posted.append((rid, md)) is None, static={},
-                     max_traces=10, max_wait_s=600, stats=Stats())
+                     max_traces=10, max_wait_s=600, stats=Stats(), read_root=_user_root)
     join.add(SpanData(1, 10, None, True, {"user_id": "a"}))  # service A's root, first
     join.add(SpanData(1, 30, 20, False, {}, request_ids=(7,)))  # the request, under span 20
     assert posted == []  # span 20 is not known yet: neither is the root above the request
@@ -506,6 +507,11 @@ def test_lone_roots_are_remembered_beyond_max_traces(server, make_pipeline) -> N
     assert server.metadata == {rid: {"user_id": f"u{rid}"} for rid in range(1, 11)}
 
 
+def _user_root(attributes: Mapping[str, Any]) -> tuple[dict[str, str], None]:
+    """A remembered root's attributes mapped as the rules would map ``user.id``."""
+    return {"user_id": attributes["user.id"]}, None
+
+
 def test_remembered_roots_are_forgotten_after_their_wait_and_bounded(monkeypatch) -> None:
     """A lone root serves a request that ends within the wait, not after; past the bound the
     oldest go first, each counted; memory stays within the bound however many roots end."""
@@ -514,23 +520,26 @@ def test_remembered_roots_are_forgotten_after_their_wait_and_bounded(monkeypatch
     posted: list[tuple[object, dict[str, str]]] = []
     stats = Stats()
     join = TraceJoin(lambda rid, md: posted.append((rid, md)) is None, static={},
-                     max_traces=10, max_wait_s=5.0, stats=stats, clock=lambda: now[0])
-    for tid in range(1, 3001):  # 3 000 roots within one wait
-        join.add(SpanData(tid, tid, None, True, {"user_id": f"u{tid}"}))
+                     max_traces=10, max_wait_s=5.0, stats=stats, clock=lambda: now[0],
+                     read_root=_user_root)
+
+    def remember(tids: range) -> None:
+        for tid in tids:
+            join.remember(tid, tid, None, {"user.id": f"u{tid}"})
+            assert len(join.ended_roots) <= 2048  # one generation: half the bound
+
+    remember(range(1, 1501))  # within one wait
     now[0] = 4.0
     join.add(SpanData(1, 10_001, 1, False, {}, request_ids=(1,)))  # still within root 1's wait
-    now[0] = 6.0  # roots 2.. are past their wait now: forgotten once the bound is reached
-    join.add(SpanData(3, 10_003, 3, False, {}, request_ids=(5,)))  # still there, not used
-    for tid in range(3001, 4201):
-        join.add(SpanData(tid, tid, None, True, {"user_id": f"u{tid}"}))
-    join.add(SpanData(2, 10_002, 2, False, {}, request_ids=(2,)))  # root 2's wait is over
-    assert len(join.ended_roots) <= 1200
-    assert stats.snapshot().get("traces_evicted", 0) == 0  # none forgotten before its wait was over
-    for tid in range(5001, 13001):  # 8 000 new ones within one wait: twice the bound
-        join.add(SpanData(tid, tid, None, True, {"user_id": f"u{tid}"}))
-        assert len(join.ended_roots) <= 4096
-    assert stats.snapshot().get("traces_evicted", 0) > 0
+    now[0] = 6.0  # roots 2.. are past their wait now
+    join.add(SpanData(2, 10_002, 2, False, {}, request_ids=(2,)))  # remembered, not used
+    remember(range(3001, 3101))
+    join.expire()
+    assert stats.snapshot().get("traces_evicted", 0) == 0  # none forgotten within its wait
+    remember(range(5001, 13001))  # 8 000 new ones within one wait: twice the bound
     join.add(SpanData(5001, 20_001, 5001, False, {}, request_ids=(3,)))  # evicted: the oldest
     join.add(SpanData(12000, 20_002, 12000, False, {}, request_ids=(4,)))  # recent ones stay
     join.release_all()
+    # All but the two generations kept (at most the bound, at least one generation) counted.
+    assert 8000 + 100 - 4096 <= stats.snapshot()["traces_evicted"] <= 8000 + 100 - 2048
     assert dict(posted) == {1: {"user_id": "u1"}, 4: {"user_id": "u12000"}}

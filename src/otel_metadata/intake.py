@@ -94,13 +94,17 @@ class Intake:
         self._rules = rules
         self._irrelevant = rules.irrelevant
         self._relevant = rules.relevant
+        self._request_ids = frozenset(rules.request_id_attributes)
         self._stats = stats
         self._max_wait_ns = int(max_wait_s * 1e9)
         self._resource: Resource | None = None
         self._resource_metadata: Mapping[str, str] = {}
         self._is_shutdown = False
         # Called before each hand-off where the platform has no after-fork hook (forking.py).
-        self.fork_check: Callable[[], None] | None = None
+        self.fork_check: Callable[[], None] | None = None  # set by `poll_forks`
+        # Hand-offs at least this long take `_hand_off`'s slow path: MAX_BACKLOG; 0 once shut
+        # down, or while forks are polled for.
+        self._bound = MAX_BACKLOG
         self.store_full: Callable[[], bool] | None = None  # set by the pipeline
         self._fresh_state()
 
@@ -126,29 +130,42 @@ class Intake:
               started: Started | None, resource: Resource | None) -> bool:
         """A span ended. False when it carried metadata and was refused (backlog, shutdown):
         a receiver answers that with backpressure."""
-        join, pending = self._join, self._pending
-        item: _Item
         # `MappingRules.is_relevant`, spelled out to save a call on every span: most spans carry
         # nothing for us and are told by one set test in C.
         if not self._irrelevant.issuperset(attrs) and (
                 not self._relevant.isdisjoint(attrs) or self._rules.prefixed_or_learn(attrs)):
             item = (trace_id, span_id, parent, attrs, started, resource)
-        elif ((pending and trace_id in pending) or trace_id in join.traces
-              or trace_id in join.ended_roots):
+            # A local root (most carriers: a handler span with a user ID) is the last of its
+            # trace here to end, so only a span below one makes its trace pending.
+            below = parent is not None and not parent[2]
+            inbox = self._inbox
+            if len(inbox) >= self._bound:
+                return self._hand_off(item, True, trace_id if below else None)
+            # `_hand_off`'s common case, without the call: one in two spans may come here.
+            if below:
+                self._pending.add(trace_id)
+            inbox.append(item)
+            if len(inbox) > self._wake_at:
+                self._wake_worker()
+            return True
+        pending, join = self._pending, self._join
+        if (pending and trace_id in pending) or trace_id in join.traces:
             # Its trace is (or is about to be) held: the join must see it, after what was
             # handed off before. Spans of other traces never wait in the hand-off, also while
-            # it is long (a backlog of one trace's spans costs no other trace anything).
-            item = (trace_id, span_id, parent, None, started, resource)
-        else:
-            if parent is not None and not parent[2]:
-                # Remembered in case a request below it ends later (a streamed response);
-                # as `TraceJoin.note_link` does, without a call.
-                links = join.links
-                links[span_id] = parent[1]
-                if len(links) >= LINK_GENERATION:
-                    join.new_link_generation(links)
-            return True
-        return self._hand_off(item, trace_id if item[3] is not None else None)
+            # it is long (a backlog of one trace's spans costs no other trace anything). A
+            # remembered root's trace is not held: a span under it that carries nothing leaves
+            # its parent link below, all the join would keep of it (and the lookup would cost
+            # every span a cache miss in the large dict of remembered roots).
+            return self._hand_off((trace_id, span_id, parent, None, started, resource), False)
+        if parent is not None and not parent[2]:
+            # Remembered in case a request below it ends later (a streamed response); as
+            # `TraceJoin.note_link` does, without a call. Also what keeps the lineage of a
+            # span that ends while its trace's root waits in the hand-off.
+            links = join.links
+            links[span_id] = parent[1]
+            if len(links) >= LINK_GENERATION:
+                join.new_link_generation(links)
+        return True
 
     def link(self, request_id: RequestId, trace_id: int, span_id: int, parent: Any,
              attrs: Mapping[str, Any] | None, ended_ns: int | None,
@@ -165,7 +182,7 @@ class Intake:
             return
         relevant = dict(attrs) if attrs else None
         self._hand_off(_Link(request_id, trace_id, span_id, parent, relevant, started,
-                             ended_ns is not None), trace_id)
+                             ended_ns is not None), True, trace_id)
 
     def room(self) -> int:
         """How many more spans the pipeline takes now: the hand-off's room, and none while the
@@ -178,24 +195,33 @@ class Intake:
     def __len__(self) -> int:
         return len(self._inbox)
 
-    def _hand_off(self, item: _Item | _Link, carrier: int | None) -> bool:
-        """`carrier`: the trace ID when `item` carries something (its trace's other spans
-        must follow it into the join), None for a span that carries nothing."""
-        if self.fork_check is not None:
-            self.fork_check()
+    def poll_forks(self, check: Callable[[], None]) -> None:
+        """Call `check` before each hand-off (a platform without an after-fork hook)."""
+        self.fork_check = check
+        self._bound = 0
+
+    def _hand_off(self, item: _Item | _Link, carries: bool, pend: int | None = None) -> bool:
+        """`carries`: whether `item` carries something (refused, it is counted); `pend`: the
+        trace whose other spans must follow it into the join while it waits (None: none)."""
         inbox = self._inbox
-        if len(inbox) >= MAX_BACKLOG or self._is_shutdown:
-            if carrier is None:  # a span that carries nothing costs its trace nothing
-                return True
-            self._refuse(item)
-            return False
-        if carrier is not None:  # before the append, so `ended` sees it while it waits
-            self._pending.add(carrier)
+        if len(inbox) >= self._bound:  # the one test on the way in; past it, the rare cases
+            if self.fork_check is not None:
+                self.fork_check()
+                inbox = self._inbox
+            if len(inbox) >= MAX_BACKLOG or self._is_shutdown:
+                if carries:
+                    self._refuse(item)
+                return not carries  # a span that carries nothing costs its trace nothing
+        if pend is not None:  # before the append, so `ended` sees it while it waits
+            self._pending.add(pend)
         inbox.append(item)
         if len(inbox) > self._wake_at:  # after the append: the worker publishes, then looks
-            self._wake_at = _AWAKE  # one `set` per sleep, however many sources see it
-            self._wake.set()
+            self._wake_worker()
         return True
+
+    def _wake_worker(self) -> None:
+        self._wake_at = _AWAKE  # one `set` per sleep, however many sources see it
+        self._wake.set()
 
     def _refuse(self, item: _Item | _Link) -> None:
         """After shutdown, or while the worker is `MAX_BACKLOG` behind (spans made faster
@@ -262,6 +288,7 @@ class Intake:
     def shutdown(self, timeout: float) -> None:
         """Refuse new spans, stop the worker, join and release what is left."""
         self._is_shutdown = True
+        self._bound = 0
         self._wake.set()  # the worker stops; what it left is joined here
         self.release(timeout)
 
@@ -322,9 +349,8 @@ class Intake:
                     self._join_link(item)
                     pending.discard(item.trace_id)
                 elif item[3] is not None:  # type: ignore[index]  # it carries something
-                    read = rules.read(item[3], stats)  # type: ignore[index]
-                    if not self._remembered(item, read):  # type: ignore[arg-type]
-                        join.add(span_data(item, read))  # type: ignore[arg-type]
+                    if not self._remembered(item):  # type: ignore[arg-type]
+                        join.add(span_data(item, rules.read(item[3], stats)))  # type: ignore[arg-type,index]
                     pending.discard(item[0])  # type: ignore[index]
                 elif join.holds(item[0]):  # type: ignore[index]
                     join.add(span_data(item, None))  # type: ignore[arg-type]
@@ -337,13 +363,14 @@ class Intake:
             finally:
                 inbox.popleft()
 
-    def _remembered(self, item: _Item, read: Read) -> bool:
+    def _remembered(self, item: _Item) -> bool:
         """Most spans that carry something are local roots of traces without a request (a
-        handler with a user ID): remembered for a late request straight away, with no
-        SpanData, when the join holds nothing of their trace."""
-        trace_id, span_id, parent, _, _, _ = item
-        return read[2] is None and (parent is None or parent[2]) and self._join.remember(
-            trace_id, span_id, parent[1] if parent is not None else None, read[0], read[1])
+        handler with a user ID): remembered for a late request straight away, unmapped (most
+        never see one), when the join knows nothing of their trace."""
+        trace_id, span_id, parent, attrs, _, _ = item
+        return ((parent is None or parent[2]) and self._request_ids.isdisjoint(attrs)
+                and self._join.remember(trace_id, span_id,
+                                        parent[1] if parent is not None else None, attrs))
 
     def _span_data(self, item: _Item, read: Read | None = None) -> SpanData:
         """`read`: what `MappingRules.read` made of the span's attributes (None: nothing)."""

@@ -22,7 +22,10 @@ request was posted (a streamed LLM span outliving the request span) sends a foll
 
 Parent links of spans that carry nothing and end before anything in their trace is held live in a
 small two-generation memory (`note_link`), so an ancestor that ended early is still found while
-it is remembered; beyond that a chain stops at the gap (nothing is guessed).
+it is remembered; beyond that a chain stops at the gap (nothing is guessed). Local roots that end
+with nothing of their trace known (a handler span with a user ID: most traces) are remembered the
+same way (`remember`), unmapped: most never see a request, and mapping them would cost the worker
+more than all else it does. `read_root` maps one when a later span of its trace arrives.
 """
 
 from __future__ import annotations
@@ -33,7 +36,7 @@ from collections import OrderedDict
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
-from itertools import islice
+from typing import Any
 
 from .mapping import RequestId
 from .stats import Stats
@@ -54,15 +57,15 @@ Emit = Callable[[RequestId, dict[str, str]], bool]
 # Told of a request joined but not posted yet, with what is known of it (a durable store writes
 # it down, so a crash before its trace is released still delivers that).
 Hold = Callable[[RequestId, dict[str, str]], None]
-# Local roots that ended alone, remembered for `max_wait_s` in case a request below them ends late.
+# Local roots that ended alone, remembered for `max_wait_s` in case a request below them ends late:
+# at most this many, in two generations of half as many each.
 MAX_REMEMBERED_ROOTS = 65_536
-# Remembered roots are looked through for ones past their wait no sooner than at this many.
-_MIN_ROOTS_LIMIT = 1024
 # Parent links remembered for spans outside held traces: two generations of this many each.
 LINK_GENERATION = 16_384
-# A local root remembered alone: when to forget, span ID, parent ID, metadata and fallback items.
-_Items = tuple[tuple[str, str], ...]
-_EndedRoot = tuple[float, int, int | None, _Items, _Items]
+# A local root remembered alone: when to forget, span ID, parent ID, its attributes (unmapped).
+_EndedRoot = tuple[float, int, "int | None", Mapping[str, Any]]
+# A remembered root's attributes -> its metadata and fallback (`SpanData`'s), when it is used.
+ReadRoot = Callable[[Mapping[str, Any]], "tuple[Mapping[str, str], Mapping[str, str] | None]"]
 
 
 @dataclass(slots=True)
@@ -108,11 +111,15 @@ class TraceJoin:
         max_traces: int,
         max_wait_s: float,
         stats: Stats,
+        read_root: ReadRoot,
         required: tuple[str, ...] = (),
         hold: Hold | None = None,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
-        """`hold`: told of each request span recorded but not posted at once (None: nobody)."""
+        """`read_root`: maps a remembered root's attributes when a later span of its trace
+        arrives; `hold`: told of each request span recorded but not posted at once (None:
+        nobody)."""
+        self._read_root = read_root
         self._emit = emit
         self._hold = hold
         self._required = required
@@ -120,15 +127,15 @@ class TraceJoin:
         self._max_traces = max_traces
         # Remembered lone roots are cheap (a tuple each): enough for `max_trace_wait` of a busy
         # app (10 000 handler spans/s for 5 s), and never fewer than `max_traces`.
-        self._max_roots = max(max_traces, MAX_REMEMBERED_ROOTS)
+        self._root_generation = max(max_traces, MAX_REMEMBERED_ROOTS) // 2
         self._wait = max_wait_s
         self._horizon = max(_MIN_FOLLOWUP_HORIZON_S, _FOLLOWUP_HORIZON * max_wait_s)
         self._stats = stats
         self._clock = clock
         self._lock = threading.Lock()
         # `traces`, `ended_roots` and `links` are read (and `links` written) without the lock by
-        # the processor's on_end, on the app's thread: single dict operations, atomic under the
-        # GIL, for the spans that carry nothing (most of them), which are not worth a call here.
+        # the sources (`Intake.ended`), on the app's thread: single dict operations, atomic
+        # under the GIL, for the spans that carry nothing (most of them).
         self.traces: dict[int, _Trace] = {}
         # Phases, each in the order its `due` times grow: waiting for the root; posted early
         # and still waiting for the root; root ended and lingering. OrderedDicts: their oldest
@@ -141,15 +148,20 @@ class TraceJoin:
         self._old_links: dict[int, int] = {}
         self._links_lock = threading.Lock()
         self._owner: int | None = None  # the thread inside the lock, to refuse re-entry
-        # Local roots that ended while nothing else of their trace was known (trace ID -> when
-        # to forget, span ID, parent ID, metadata items). Remembered like a lingering trace
-        # (`max_wait_s`, at most `MAX_REMEMBERED_ROOTS`) but cheaply: most never see another span
-        # of their trace (a web handler span with `user.id` and no LLM call under it). A trace
-        # enters `traces` only when another of its spans arrives. Past its wait a root is never
-        # used; the dict is rebuilt without such roots whenever it doubles (`_compact_roots`),
-        # so a root costs one plain dict insert, not an ordered dict's upkeep per root.
+        self._clear_roots()
+
+    def _clear_roots(self) -> None:
+        # Local roots that ended while nothing else of their trace was known (`remember`):
+        # trace ID -> `_EndedRoot`. Remembered like a lingering trace (`max_wait_s`) but
+        # cheaply: most never see another span of their trace (a web handler span with
+        # `user.id` and no LLM call under it). A trace enters `traces` only when another of its
+        # spans arrives. Past its wait a root is never used. Two generations: once this one is
+        # full, or as old as the wait, it becomes the old one and the old one is forgotten (its
+        # roots still within their wait counted as `traces_evicted`): a root costs one plain
+        # dict insert, and memory stays within `MAX_REMEMBERED_ROOTS`.
         self.ended_roots: dict[int, _EndedRoot] = {}
-        self._roots_limit = _MIN_ROOTS_LIMIT
+        self._old_roots: dict[int, _EndedRoot] = {}
+        self._roots_until = float("-inf")  # past this due, `ended_roots` starts a generation
 
     def unsend(self, request_id: RequestId, metadata: Mapping[str, str]) -> None:
         """A record was given up on: its keys count as unsent, so a follow-up carries them."""
@@ -176,12 +188,39 @@ class TraceJoin:
             if self.links is full:
                 self._old_links, self.links = full, {}
 
+    def remember(self, trace_id: int, span_id: int, parent_id: int | None,
+                 attributes: Mapping[str, Any]) -> bool:
+        """A local root that carries no request ID ended: remember it for `max_wait_s`, in case
+        a request below it ends later, when nothing of its trace is known (most such roots),
+        without a `SpanData` and unmapped. False when it must be added as a span instead (or,
+        inside our own work, skipped). `attributes` are kept, not copied: the span ended."""
+        if (trace_id in self.traces or trace_id in self.ended_roots
+                or trace_id in self._old_roots or self._owner is not None):
+            return False
+        with self._lock:
+            roots = self.ended_roots
+            due = self._clock() + self._wait
+            roots[trace_id] = (due, span_id, parent_id, attributes)
+            if len(roots) >= self._root_generation or due > self._roots_until:
+                self._new_root_generation(due - self._wait)
+        return True
+
+    def _new_root_generation(self, now: float) -> None:
+        """The current generation becomes the old one; the old one is forgotten, each of its
+        roots still within its wait counted as evicted."""
+        old = self._old_roots
+        if old and next(reversed(old.values()))[0] > now:  # its newest is within the wait
+            self._stats.add("traces_evicted", sum(1 for root in old.values() if root[0] > now))
+        self._old_roots, self.ended_roots = self.ended_roots, {}
+        self._roots_until = now + 2 * self._wait
+
     def holds(self, trace_id: int) -> bool:
         """Whether spans of this trace must be recorded even when they carry nothing."""
         if trace_id in self.traces:
             return True
-        ended = self.ended_roots.get(trace_id)
-        return ended is not None and ended[0] > self._clock()
+        now = self._clock()
+        return any(root is not None and root[0] > now
+                   for root in (self.ended_roots.get(trace_id), self._old_roots.get(trace_id)))
 
     def linked(self, trace_id: int, span_id: int) -> bool:
         """Whether a request ID was linked to this span of a held trace."""
@@ -203,66 +242,23 @@ class TraceJoin:
         with self._lock:  # as `_locked()` does, without a generator: this runs once per span
             self._owner = me
             try:
-                tid = span.trace_id
-                if (tid not in self.traces
-                        and (tid not in self.ended_roots or not self._restore_root(tid))
-                        and span.local_root and not span.request_ids):
-                    self._remember(tid, span.span_id, span.parent_id, span.metadata,
-                                   span.fallback)
-                    return
+                self._restore_root(span.trace_id)
                 self._add(span)
             finally:
                 self._owner = None
 
-    def _restore_root(self, tid: int) -> bool:
-        """A local root of `tid` that ended while nothing else of its trace was known: hold the
-        trace now, with that root in it (if its wait is not over). False when there was none."""
-        ended = self.ended_roots.pop(tid, None)
-        if ended is None:
-            return False
-        due, span_id, parent_id, metadata, fallback = ended
-        if due > self._clock():
-            self._add(SpanData(tid, span_id, parent_id, True, dict(metadata),
-                               fallback=dict(fallback) if fallback else None))
-        return True
-
-    def remember(self, trace_id: int, span_id: int, parent_id: int | None,
-                 metadata: Mapping[str, str], fallback: Mapping[str, str] | None) -> bool:
-        """A local root that carries no request ID ended: remember it, as `add` would, when
-        nothing of its trace is held or remembered (most such roots), without a `SpanData`.
-        False when it must be added as a span instead (or, inside our own work, skipped)."""
-        if trace_id in self.traces or trace_id in self.ended_roots or self._owner is not None:
-            return False
-        with self._lock:
-            if trace_id in self.traces or trace_id in self.ended_roots:
-                return False
-            self._remember(trace_id, span_id, parent_id, metadata, fallback)
-        return True
-
-    def _remember(self, trace_id: int, span_id: int, parent_id: int | None,
-                  metadata: Mapping[str, str], fallback: Mapping[str, str] | None) -> None:
-        roots = self.ended_roots
+    def _restore_root(self, tid: int) -> None:
+        """Local roots of `tid` remembered while nothing else of its trace was known: hold the
+        trace now, with those roots in it (those whose wait is not over), the older first."""
+        if tid not in self._old_roots and tid not in self.ended_roots:
+            return
         now = self._clock()
-        # Tuples of numbers and strings only: the garbage collector stops tracking them (a
-        # tuple holding a dict it never would), so thousands of remembered roots cost its
-        # collections nothing.
-        roots[trace_id] = (now + self._wait, span_id, parent_id, tuple(metadata.items()),
-                           tuple(fallback.items()) if fallback else ())
-        if len(roots) >= self._roots_limit:
-            self._compact_roots(now)
-
-    def _compact_roots(self, now: float) -> None:
-        """Forget the remembered roots whose wait is over; past the bound, the oldest others
-        too (counted as `traces_evicted`), down to three quarters of it. Then let the dict grow
-        to twice what is left before the next pass: amortized, a few steps per root."""
-        # A dict built straight from the items: no list of pairs for the collector to scan.
-        kept = {tid: root for tid, root in self.ended_roots.items() if root[0] > now}
-        over = len(kept) - self._max_roots * 3 // 4
-        if over > 0:  # in the order remembered: the oldest first
-            self._stats.add("traces_evicted", over)
-            kept = dict(islice(kept.items(), over, None))
-        self.ended_roots = kept  # one rebinding: on_end reads the old or the new dict
-        self._roots_limit = min(self._max_roots, max(_MIN_ROOTS_LIMIT, 2 * len(kept)))
+        for roots in (self._old_roots, self.ended_roots):
+            root = roots.pop(tid, None)
+            if root is not None and root[0] > now:
+                _, span_id, parent_id, attributes = root
+                metadata, fallback = self._read_root(attributes)
+                self._add(SpanData(tid, span_id, parent_id, True, metadata, fallback=fallback))
 
     def _add(self, span: SpanData) -> None:
         tid = span.trace_id
@@ -289,8 +285,7 @@ class TraceJoin:
             return
         with self._locked():
             tid = span.trace_id
-            if tid not in self.traces:
-                self._restore_root(tid)
+            self._restore_root(tid)
             trace = self.traces.get(tid) or self._new_trace(tid)
             known = trace.requests.get(span.span_id)
             if known is not None:
@@ -397,8 +392,7 @@ class TraceJoin:
         self.links, self._old_links = {}, {}
         self._links_lock = threading.Lock()
         self._sent_in = {}
-        self.ended_roots = {}
-        self._roots_limit = _MIN_ROOTS_LIMIT
+        self._clear_roots()
 
     @contextmanager
     def _locked(self) -> Iterator[None]:

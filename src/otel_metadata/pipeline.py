@@ -59,6 +59,7 @@ class Pipeline:
         self.join = TraceJoin(self.delivery.submit, static=map_values(s.metadata, self.rules,
                               self.counters), max_traces=s.max_traces,
                               max_wait_s=s.max_trace_wait_s, stats=self.counters,
+                              read_root=lambda attrs: self.rules.read(attrs, self.counters)[:2],
                               required=s.required_keys,
                               hold=self._hold if s.spool_dir else None)
         self.delivery.on_drop = self.join.unsend
@@ -72,7 +73,7 @@ class Pipeline:
         self.delivery.on_post = self.metrics.posted
         self._fork_guard = ForkGuard(self._after_fork)
         if self._fork_guard.polling:
-            self.intake.fork_check = self._fork_guard.check
+            self.intake.poll_forks(self._fork_guard.check)
         _live.add(self)
 
     def _store(self) -> RecordStore:

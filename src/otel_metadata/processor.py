@@ -120,8 +120,8 @@ class MetadataSpanProcessor(SpanProcessor):
         # Every context key on_start reads: ours, baggage's, other tools'.
         self._watched: frozenset[str] = frozenset()
         # The SDK's span type when the probe found its private fields as on_end reads them;
-        # None: the public API for every span.
-        self._fast: type | None = ReadableSpan if _private_fields_readable() else None
+        # None: the public API for every span (or inert).
+        self._fast: type | None = None
         self._unhook: Callable[[], None] | None = None  # removes our SIGTERM handler
         if s.disabled:
             _logger.info("otel-metadata: OTEL_SDK_DISABLED=true; metadata processor inert")
@@ -140,6 +140,7 @@ class MetadataSpanProcessor(SpanProcessor):
                             exc_info=True)
             return
         self._ended = self._pipeline.intake.ended
+        self._fast = ReadableSpan if _private_fields_readable() else None
         self._tool_keys = self._pipeline.rules.context_keys
         self._watched = self._tool_keys | {_CONTEXT_KEY, _BAGGAGE_KEY}
         if s.handle_sigterm:
@@ -162,9 +163,7 @@ class MetadataSpanProcessor(SpanProcessor):
     # -- the SDK's hooks: on the app's thread, never raise, never block --
 
     def on_start(self, span: Span, parent_context: Context | None = None) -> None:
-        if self._ended is None:
-            return
-        try:
+        try:  # inert, `_watched` is empty
             ctx = _current_context() if parent_context is None else parent_context
             if self._watched.isdisjoint(ctx):  # most spans: one set test in C over its few keys
                 return
@@ -188,30 +187,29 @@ class MetadataSpanProcessor(SpanProcessor):
             _logger.debug("otel-metadata: on_start failed", exc_info=True)
 
     def on_end(self, span: ReadableSpan) -> None:
-        ended = self._ended
-        if ended is None:
-            return
         try:
-            if type(span) is self._fast:
+            if type(span) is self._fast:  # never while inert: `_fast` is None then
                 try:
                     # The SDK's own span: its fields read directly, not through properties, and
                     # its attributes from the plain dict inside the SDK's BoundedAttributes,
                     # whose public face (a MappingProxy over a mapping that iterates in Python)
                     # makes the relevance test about 3x dearer. The span has ended, so that
                     # dict no longer changes. Chosen by a probe at start-up.
-                    ctx, parent, raw = span._context, span._parent, span._attributes
-                    attrs = raw._dict if type(raw) is BoundedAttributes else (raw or {})
-                    resource = span._resource
+                    ctx, parent, raw, resource = (span._context, span._parent, span._attributes,
+                                                  span._resource)
+                    attrs = raw._dict if type(raw) is BoundedAttributes else raw or {}
                 except AttributeError:  # an SDK that renamed them since the probe
                     self._fast = None
                     ctx, parent, attrs, resource = _public_fields(span)
+            elif self._ended is None:
+                return
             else:  # another SDK version, a wrapper: the public API
                 ctx, parent, attrs, resource = _public_fields(span)
             # A SpanContext is a tuple (trace_id, span_id, is_remote, ...), as its API type says:
             # indexing it saves a Python property call per field read, on every span.
-            span_id = ctx[1]  # type: ignore[index]  # None: counted below
-            started = self._started.pop(span_id, None) if self._started else None
-            ended(ctx[0], span_id, parent, attrs, started, resource)  # type: ignore[index]
+            self._ended(ctx[0], ctx[1], parent, attrs,  # type: ignore[misc,index]
+                        self._started.pop(ctx[1], None) if self._started else None,  # type: ignore[index]
+                        resource)
         except Exception:
             self._pipeline.intake.error(getattr(span, "name", "?"))  # type: ignore[union-attr]
 
