@@ -133,9 +133,9 @@ class TraceJoin:
         self._stats = stats
         self._clock = clock
         self._lock = threading.Lock()
-        # `traces`, `ended_roots` and `links` are read (and `links` written) without the lock by
-        # the sources (`Intake.ended`), on the app's thread: single dict operations, atomic
-        # under the GIL, for the spans that carry nothing (most of them).
+        # `traces` and `links` are read (and `links` written) without the lock by the sources
+        # (`Intake.ended`), on the app's thread: single dict operations, atomic under the GIL,
+        # for the spans that carry nothing (most of them).
         self.traces: dict[int, _Trace] = {}
         # Phases, each in the order its `due` times grow: waiting for the root; posted early
         # and still waiting for the root; root ended and lingering. OrderedDicts: their oldest
