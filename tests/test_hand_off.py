@@ -233,17 +233,15 @@ def test_sources_wake_a_gathering_worker_only_when_the_hand_off_fills(
     monkeypatch.setattr(intake_module, "GATHER_S", 600.0)
     p = make_pipeline(max_trace_wait_millis=600_000)
 
-    handler = p.tracer.start_span("handler")  # open: each step below is handed off
-
-    def steps(count: int) -> None:
+    def roots(count: int) -> None:
         for _ in range(count):
-            with trace.use_span(handler), p.tracer.start_as_current_span("step") as step:
-                step.set_attribute("user.id", "u")
+            with p.tracer.start_as_current_span("handler") as root:
+                root.set_attribute("user.id", "u")
 
-    steps(1)  # wakes the idle worker, whose pass finds spans: it gathers from then on
+    roots(1)  # wakes the idle worker, whose pass finds spans: it gathers from then on
     assert wait_for(lambda: p.processor.stats()["backlog"] == 0)
-    steps(10)
+    roots(10)
     time.sleep(0.3)  # the window observed: a hand-off that woke the worker would show
     assert p.processor.stats()["backlog"] == 10
-    steps(10)  # 20 waiting: past 64 // 4
+    roots(10)  # 20 waiting: past 64 // 4
     assert wait_for(lambda: p.processor.stats()["backlog"] == 0)

@@ -6,10 +6,9 @@ import asyncio
 import contextvars
 import logging
 import threading
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
-from typing import Any
 
 from conftest import request_in, wait_for
 from opentelemetry import baggage, context, trace
@@ -481,7 +480,7 @@ def test_a_chain_completed_after_its_root_ended_posts_at_once() -> None:
     request; the request goes out when the chain is complete, not at the end of the wait."""
     posted: list[tuple[object, dict[str, str]]] = []
     join = TraceJoin(lambda rid, md: posted.append((rid, md)) is None, static={},
-                     max_traces=10, max_wait_s=600, stats=Stats(), read_root=_user_root)
+                     max_traces=10, max_wait_s=600, stats=Stats())
     join.add(SpanData(1, 10, None, True, {"user_id": "a"}))  # service A's root, first
     join.add(SpanData(1, 30, 20, False, {}, request_ids=(7,)))  # the request, under span 20
     assert posted == []  # span 20 is not known yet: neither is the root above the request
@@ -507,11 +506,6 @@ def test_lone_roots_are_remembered_beyond_max_traces(server, make_pipeline) -> N
     assert server.metadata == {rid: {"user_id": f"u{rid}"} for rid in range(1, 11)}
 
 
-def _user_root(attributes: Mapping[str, Any]) -> tuple[dict[str, str], None]:
-    """A remembered root's attributes mapped as the rules would map ``user.id``."""
-    return {"user_id": attributes["user.id"]}, None
-
-
 def test_remembered_roots_are_forgotten_after_their_wait_and_bounded(monkeypatch) -> None:
     """A lone root serves a request that ends within the wait, not after; past the bound the
     oldest go first, each counted; memory stays within the bound however many roots end."""
@@ -520,12 +514,11 @@ def test_remembered_roots_are_forgotten_after_their_wait_and_bounded(monkeypatch
     posted: list[tuple[object, dict[str, str]]] = []
     stats = Stats()
     join = TraceJoin(lambda rid, md: posted.append((rid, md)) is None, static={},
-                     max_traces=10, max_wait_s=5.0, stats=stats, clock=lambda: now[0],
-                     read_root=_user_root)
+                     max_traces=10, max_wait_s=5.0, stats=stats, clock=lambda: now[0])
 
     def remember(tids: range) -> None:
         for tid in tids:
-            join.remember(tid, tid, None, {"user.id": f"u{tid}"})
+            join.remember(tid, tid, None, {"user_id": f"u{tid}"}, None)
             assert len(join.ended_roots) <= 2048  # one generation: half the bound
 
     remember(range(1, 1501))  # within one wait

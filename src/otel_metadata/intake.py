@@ -94,7 +94,6 @@ class Intake:
         self._rules = rules
         self._irrelevant = rules.irrelevant
         self._relevant = rules.relevant
-        self._request_ids = frozenset(rules.request_id_attributes)
         self._stats = stats
         self._max_wait_ns = int(max_wait_s * 1e9)
         self._resource: Resource | None = None
@@ -349,8 +348,9 @@ class Intake:
                     self._join_link(item)
                     pending.discard(item.trace_id)
                 elif item[3] is not None:  # type: ignore[index]  # it carries something
-                    if not self._remembered(item):  # type: ignore[arg-type]
-                        join.add(span_data(item, rules.read(item[3], stats)))  # type: ignore[arg-type,index]
+                    read = rules.read(item[3], stats)  # type: ignore[index]
+                    if not self._remembered(item, read):  # type: ignore[arg-type]
+                        join.add(span_data(item, read))  # type: ignore[arg-type]
                     pending.discard(item[0])  # type: ignore[index]
                 elif join.holds(item[0]):  # type: ignore[index]
                     join.add(span_data(item, None))  # type: ignore[arg-type]
@@ -363,14 +363,14 @@ class Intake:
             finally:
                 inbox.popleft()
 
-    def _remembered(self, item: _Item) -> bool:
+    def _remembered(self, item: _Item, read: Read) -> bool:
         """Most spans that carry something are local roots of traces without a request (a
-        handler with a user ID): remembered for a late request straight away, unmapped (most
-        never see one), when the join knows nothing of their trace."""
-        trace_id, span_id, parent, attrs, _, _ = item
-        return ((parent is None or parent[2]) and self._request_ids.isdisjoint(attrs)
-                and self._join.remember(trace_id, span_id,
-                                        parent[1] if parent is not None else None, attrs))
+        handler with a user ID): remembered for a late request straight away, as their
+        metadata (mapped, so bounded however large their attributes), with no SpanData, when
+        the join knows nothing of their trace."""
+        trace_id, span_id, parent, _, _, _ = item
+        return read[2] is None and (parent is None or parent[2]) and self._join.remember(
+            trace_id, span_id, parent[1] if parent is not None else None, read[0], read[1])
 
     def _span_data(self, item: _Item, read: Read | None = None) -> SpanData:
         """`read`: what `MappingRules.read` made of the span's attributes (None: nothing)."""

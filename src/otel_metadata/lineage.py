@@ -24,8 +24,7 @@ Parent links of spans that carry nothing and end before anything in their trace 
 small two-generation memory (`note_link`), so an ancestor that ended early is still found while
 it is remembered; beyond that a chain stops at the gap (nothing is guessed). Local roots that end
 with nothing of their trace known (a handler span with a user ID: most traces) are remembered the
-same way (`remember`), unmapped: most never see a request, and mapping them would cost the worker
-more than all else it does. `read_root` maps one when a later span of its trace arrives.
+same way (`remember`), as their metadata alone, until a later span of their trace arrives.
 """
 
 from __future__ import annotations
@@ -36,7 +35,6 @@ from collections import OrderedDict
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any
 
 from .mapping import RequestId
 from .stats import Stats
@@ -62,10 +60,8 @@ Hold = Callable[[RequestId, dict[str, str]], None]
 MAX_REMEMBERED_ROOTS = 65_536
 # Parent links remembered for spans outside held traces: two generations of this many each.
 LINK_GENERATION = 16_384
-# A local root remembered alone: when to forget, span ID, parent ID, its attributes (unmapped).
-_EndedRoot = tuple[float, int, "int | None", Mapping[str, Any]]
-# A remembered root's attributes -> its metadata and fallback (`SpanData`'s), when it is used.
-ReadRoot = Callable[[Mapping[str, Any]], "tuple[Mapping[str, str], Mapping[str, str] | None]"]
+# A local root remembered alone: when to forget, span ID, parent ID, metadata, fallback.
+_EndedRoot = tuple[float, int, "int | None", Mapping[str, str], "Mapping[str, str] | None"]
 
 
 @dataclass(slots=True)
@@ -111,22 +107,19 @@ class TraceJoin:
         max_traces: int,
         max_wait_s: float,
         stats: Stats,
-        read_root: ReadRoot,
         required: tuple[str, ...] = (),
         hold: Hold | None = None,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
-        """`read_root`: maps a remembered root's attributes when a later span of its trace
-        arrives; `hold`: told of each request span recorded but not posted at once (None:
-        nobody)."""
-        self._read_root = read_root
+        """`hold`: told of each request span recorded but not posted at once (None: nobody)."""
         self._emit = emit
         self._hold = hold
         self._required = required
         self._static = dict(static)
         self._max_traces = max_traces
-        # Remembered lone roots are cheap (a tuple each): enough for `max_trace_wait` of a busy
-        # app (10 000 handler spans/s for 5 s), and never fewer than `max_traces`.
+        # Remembered lone roots are cheap (a tuple and their metadata each): enough for
+        # `max_trace_wait` of a busy app (10 000 handler spans/s for 5 s), and never fewer
+        # than `max_traces`.
         self._root_generation = max(max_traces, MAX_REMEMBERED_ROOTS) // 2
         self._wait = max_wait_s
         self._horizon = max(_MIN_FOLLOWUP_HORIZON_S, _FOLLOWUP_HORIZON * max_wait_s)
@@ -189,18 +182,18 @@ class TraceJoin:
                 self._old_links, self.links = full, {}
 
     def remember(self, trace_id: int, span_id: int, parent_id: int | None,
-                 attributes: Mapping[str, Any]) -> bool:
+                 metadata: Mapping[str, str], fallback: Mapping[str, str] | None) -> bool:
         """A local root that carries no request ID ended: remember it for `max_wait_s`, in case
         a request below it ends later, when nothing of its trace is known (most such roots),
-        without a `SpanData` and unmapped. False when it must be added as a span instead (or,
-        inside our own work, skipped). `attributes` are kept, not copied: the span ended."""
+        without a `SpanData`. False when it must be added as a span instead (or, inside our
+        own work, skipped). The mappings are kept, not copied."""
         if (trace_id in self.traces or trace_id in self.ended_roots
                 or trace_id in self._old_roots or self._owner is not None):
             return False
         with self._lock:
             roots = self.ended_roots
             due = self._clock() + self._wait
-            roots[trace_id] = (due, span_id, parent_id, attributes)
+            roots[trace_id] = (due, span_id, parent_id, metadata, fallback)
             if len(roots) >= self._root_generation or due > self._roots_until:
                 self._new_root_generation(due - self._wait)
         return True
@@ -256,8 +249,7 @@ class TraceJoin:
         for roots in (self._old_roots, self.ended_roots):
             root = roots.pop(tid, None)
             if root is not None and root[0] > now:
-                _, span_id, parent_id, attributes = root
-                metadata, fallback = self._read_root(attributes)
+                _, span_id, parent_id, metadata, fallback = root
                 self._add(SpanData(tid, span_id, parent_id, True, metadata, fallback=fallback))
 
     def _add(self, span: SpanData) -> None:

@@ -59,7 +59,6 @@ class Pipeline:
         self.join = TraceJoin(self.delivery.submit, static=map_values(s.metadata, self.rules,
                               self.counters), max_traces=s.max_traces,
                               max_wait_s=s.max_trace_wait_s, stats=self.counters,
-                              read_root=lambda attrs: self.rules.read(attrs, self.counters)[:2],
                               required=s.required_keys,
                               hold=self._hold if s.spool_dir else None)
         self.delivery.on_drop = self.join.unsend
