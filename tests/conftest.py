@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import itertools
 import logging
+import socket
 import threading
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
@@ -60,6 +61,26 @@ class Pipeline:
         """`stats()` once the lineage worker has joined every span ended so far."""
         assert wait_for(lambda: self.processor.stats()["backlog"] == 0)
         return self.processor.stats()
+
+
+@pytest.fixture
+def unaccepting_port() -> Iterator[int]:
+    """A port whose listener never accepts and whose accept queue is full: a connect there
+    waits in the SYN queue, as one to a host that drops packets does."""
+    with socket.socket() as listener:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(0)  # one connection fills the queue
+        port = int(listener.getsockname()[1])
+        filler = socket.create_connection(("127.0.0.1", port), timeout=5)
+        probe = socket.socket()
+        probe.settimeout(0.2)
+        try:  # the premise: a further connect does not complete
+            with pytest.raises(TimeoutError):
+                probe.connect(("127.0.0.1", port))
+            yield port
+        finally:
+            probe.close()
+            filler.close()
 
 
 def wait_for(condition: Callable[[], object], timeout: float = 5.0) -> bool:

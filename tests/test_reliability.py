@@ -248,6 +248,20 @@ def closed_port() -> int:
         return int(sock.getsockname()[1])
 
 
+def test_a_connect_that_never_completes_is_retried_then_dropped_counted_and_told(
+    make_pipeline: Any, unaccepting_port: int, caplog: pytest.LogCaptureFixture,
+) -> None:
+    p = make_pipeline(base_url=f"http://127.0.0.1:{unaccepting_port}",
+                      export_timeout_millis=1000, request_timeout_s=0.2)
+    send(p, 1, {"a": "b"})
+    assert p.flush(5000) is False
+    stats = p.processor.stats()
+    assert stats["dropped.retries_exhausted"] == 1 and stats["retried"] >= 1
+    assert stats["delivered"] == 0
+    told = [r.getMessage() for r in caplog.records if "giving up" in r.getMessage()]
+    assert len(told) == 1 and "ConnectTimeout" in told[0]
+
+
 def test_shutdown_with_an_unreachable_server_returns_within_the_export_timeout(
     make_pipeline: Any, silent_port: int,
 ) -> None:

@@ -538,6 +538,27 @@ def test_a_server_that_never_answers_is_a_read_timeout(scripted: Any) -> None:
     assert srv.ids == [1]
 
 
+@pytest.mark.parametrize("via_proxy", [False, True])
+def test_a_connect_that_never_completes_is_a_connect_timeout(
+    unaccepting_port: int, via_proxy: bool, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    endpoint = f"http://127.0.0.1:{unaccepting_port}{PATH}"
+    if via_proxy:  # the proxy is what cannot be reached
+        monkeypatch.setenv("HTTP_PROXY", f"http://127.0.0.1:{unaccepting_port}")
+        endpoint = f"http://192.0.2.1{PATH}"
+    transport = Transport(endpoint, API_KEY, 1)
+    started = time.monotonic()
+    outcome = transport.post(1, {"a": "b"}, timeout=0.3)
+    took = time.monotonic() - started
+    transport.close()
+    assert outcome.status is None and 0.3 <= took < 3
+    if via_proxy:
+        assert outcome.error == "ProxyError" and "connect timed out" in outcome.detail
+    else:
+        assert outcome.error == "ConnectTimeout"
+        assert f"connect to 127.0.0.1:{unaccepting_port} timed out" in outcome.detail
+
+
 @pytest.fixture
 def closed_port() -> int:
     """A port that was free a moment ago: nobody listens there."""
