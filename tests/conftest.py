@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import collections
 import itertools
 import logging
 import socket
@@ -81,6 +82,24 @@ def unaccepting_port() -> Iterator[int]:
         finally:
             probe.close()
             filler.close()
+
+
+@pytest.fixture
+def lookups(monkeypatch: pytest.MonkeyPatch) -> dict[str, Any]:
+    """The resolver, faked for host names under ``.test`` (a DNS answer lists
+    ``lookups["answers"]``, loopback addresses) and counted for every name."""
+    real = socket.getaddrinfo
+    seen: dict[str, Any] = {"calls": collections.Counter(), "answers": ["127.0.0.1"]}
+
+    def getaddrinfo(host: Any, port: Any, *args: Any, **kwargs: Any) -> Any:
+        seen["calls"][host] += 1
+        if isinstance(host, str) and host.endswith(".test"):
+            return [(socket.AF_INET, socket.SOCK_STREAM, 6, "", (a, port))
+                    for a in seen["answers"]]
+        return real(host, port, *args, **kwargs)
+
+    monkeypatch.setattr(socket, "getaddrinfo", getaddrinfo)
+    return seen
 
 
 def wait_for(condition: Callable[[], object], timeout: float = 5.0) -> bool:

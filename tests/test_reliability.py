@@ -262,6 +262,20 @@ def test_a_connect_that_never_completes_is_retried_then_dropped_counted_and_told
     assert len(told) == 1 and "ConnectTimeout" in told[0]
 
 
+def test_the_sender_connects_to_the_hosts_next_address_when_one_refuses(
+    server: TrackMetadataServer, make_pipeline: Any, lookups: dict[str, Any],
+) -> None:
+    lookups["answers"] = ["127.0.0.2", "127.0.0.1"]  # the first refuses
+    p = make_pipeline(base_url=server.base_url.replace("127.0.0.1", "api.example.test"))
+    for rid in range(1, 9):
+        send(p, rid, {"a": "b"})
+    assert p.flush() is True
+    assert sorted(server.metadata) == list(range(1, 9))
+    stats = p.processor.stats()
+    assert stats["delivered"] == 8 and stats.get("retried", 0) == 0
+    assert lookups["calls"]["api.example.test"] == 1
+
+
 def test_shutdown_with_an_unreachable_server_returns_within_the_export_timeout(
     make_pipeline: Any, silent_port: int,
 ) -> None:

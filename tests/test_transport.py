@@ -33,6 +33,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from otel_metadata import http1
+from otel_metadata import transport as transport_module
 from otel_metadata.stats import Stats
 from otel_metadata.testing._http import JSONHandler, LocalServer
 from otel_metadata.testing.track_metadata import PATH, TrackMetadataServer
@@ -536,6 +537,39 @@ def test_a_server_that_never_answers_is_a_read_timeout(scripted: Any) -> None:
     assert outcome.status is None and outcome.error == "ReadTimeout"
     assert "timed out" in outcome.detail and 0.3 <= took < 3
     assert srv.ids == [1]
+
+
+@pytest.mark.parametrize("ttl", [30.0, 0.0])
+def test_a_host_is_looked_up_once_per_resolve_ttl_not_per_connection(
+    server: TrackMetadataServer, lookups: dict[str, Any], ttl: float,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(transport_module, "RESOLVE_TTL_S", ttl)
+    transport = Transport(server.base_url.replace("127.0.0.1", "api.example.test") + PATH,
+                          API_KEY, 1)
+    for rid in (1, 2, 3):
+        assert transport.post(rid, {"a": "b"}, timeout=5).status == 200
+        transport.close()  # the next POST opens a new connection
+    assert lookups["calls"]["api.example.test"] == (1 if ttl else 3)
+    assert sorted(server.metadata) == [1, 2, 3]
+
+
+def test_a_new_connection_tries_the_next_address_when_one_refuses_and_starts_with_it_after(
+    server: TrackMetadataServer, lookups: dict[str, Any],
+) -> None:
+    # An IPv6 address without a route, a host down: the first answer refuses, the second works.
+    lookups["answers"] = ["127.0.0.2", "127.0.0.1"]
+    transport = Transport(server.base_url.replace("127.0.0.1", "api.example.test") + PATH,
+                          API_KEY, 1)
+    assert transport.post(1, {"a": "b"}, timeout=5).status == 200
+    assert [a[3][0] for a in transport.addresses()] == ["127.0.0.1", "127.0.0.2"]
+    transport.close()
+    lookups["answers"] = ["127.0.0.2", "127.0.0.3"]  # none answers: the last error is told
+    refused = Transport(server.base_url.replace("127.0.0.1", "down.example.test") + PATH,
+                        API_KEY, 1)
+    outcome = post_one(refused)
+    assert outcome.error == "ConnectionError" and "Connection refused" in outcome.detail
+    assert server.metadata == {1: {"a": "b"}}
 
 
 @pytest.mark.parametrize("via_proxy", [False, True])

@@ -35,6 +35,7 @@ import urllib.request
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import Any
 from urllib.parse import SplitResult, unquote, urlsplit
 
 from opentelemetry import context as otel_context
@@ -65,6 +66,12 @@ _BlockingSelector: type[selectors.BaseSelector] = getattr(
     selectors, "PollSelector", selectors.SelectSelector)
 
 _RECV_SIZE = 65_536
+# How long the endpoint's (or proxy's) addresses are used before they are looked up again: a
+# new connection then costs no lookup (which blocks the sender's loop), and a DNS change is
+# followed within this.
+RESOLVE_TTL_S = 30.0
+# One of `getaddrinfo`'s answers: family, socket type, protocol, the address to connect to.
+_Address = tuple[int, int, int, Any]
 
 # Connection phases.
 _CLOSED, _CONNECTING, _TLS, _TUNNEL, _EXCHANGE, _IDLE = range(6)
@@ -186,6 +193,8 @@ class Transport:
         self._pool_size = max(1, pool_size)
         self._idle: list[Connection] = []
         self._lock = threading.Lock()
+        self._addresses: list[_Address] = []  # as `getaddrinfo` gave them, the failed last
+        self._resolved_until = 0.0
 
         parts = urlsplit(endpoint)
         https = parts.scheme == "https"
@@ -285,6 +294,28 @@ class Transport:
         """A new connection to the endpoint, not connected yet (`Connection.begin` connects)."""
         return Connection(self)
 
+    def addresses(self) -> list[_Address]:
+        """Where a new socket connects, in order: `getaddrinfo`'s answer (blocking; raises
+        `socket.gaierror`), kept for `RESOLVE_TTL_S`, with addresses a connect failed on moved
+        last (an IPv6 address without a route, a host down: the next connection starts with
+        one that worked)."""
+        with self._lock:
+            if time.monotonic() < self._resolved_until:
+                return list(self._addresses)
+        host, port = self._address
+        found: list[_Address] = [(family, kind, proto, address) for family, kind, proto, _, address
+                 in socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)]
+        with self._lock:
+            self._addresses, self._resolved_until = found, time.monotonic() + RESOLVE_TTL_S
+        return list(found)
+
+    def failed_at(self, address: _Address) -> None:
+        """A connect to `address` failed: new connections try it last."""
+        with self._lock:
+            if address in self._addresses:
+                self._addresses.remove(address)
+                self._addresses.append(address)
+
     def post(self, request_id: RequestId, metadata: Mapping[str, str], timeout: float) -> Outcome:
         """One POST, blocking; network errors come back as an `Outcome` (status None), never
         raised. Thread-safe: each call has a connection to itself, a kept-alive one if any.
@@ -341,12 +372,14 @@ class Connection:
     `reusable` says whether it may carry the next request (`begin` again); if not, it is
     closed already, and a `begin` would connect anew. One exchange at a time, in one thread.
 
-    A new socket resolves the host first (`getaddrinfo`, blocking: the standard library has no
-    other; the system caches answers), the first address it gives.
+    A new socket connects to `Transport.addresses` in turn, on to the next when a connect
+    fails at once; a timeout ends the exchange (the next connection starts elsewhere).
     """
 
     def __init__(self, transport: Transport) -> None:
         self._t = transport
+        self._untried: list[_Address] = []  # this exchange's addresses not tried yet
+        self._peer: _Address | None = None  # the address of the socket's connect
         self.wants = 0
         self.deadline = 0.0
         self.reusable = False
@@ -393,6 +426,7 @@ class Connection:
         self._data = self if data is None else data
         self._resent = False
         self._outcome = None
+        self._untried = []
         self.reusable = False
         self.deadline = time.monotonic() + timeout
         return self._start()
@@ -420,6 +454,8 @@ class Connection:
             name, text = "ReadTimeout", f"{where}: read timed out"
         else:
             name, text = "ConnectTimeout", f"connect to {where} timed out"
+        if self._step == 0 and self._peer is not None:
+            self._t.failed_at(self._peer)
         self._close_socket()
         self._outcome = Outcome(None, error=name,
                                 detail=t.redact(f"{text} (timeout={self._timeout:g} s)"))
@@ -461,12 +497,14 @@ class Connection:
             return self._failed(exc)
 
     def _open(self) -> None:
-        """A new socket, its non-blocking connect started."""
+        """A new socket, its non-blocking connect started, to the next address not tried yet
+        (the first of `Transport.addresses` for a new exchange)."""
+        if not self._untried:
+            self._untried = self._t.addresses()
         self._step, self._answered = 0, 0
-        host, port = self._t._address
-        family, kind, proto, _, address = socket.getaddrinfo(
-            host, port, type=socket.SOCK_STREAM)[0]
-        _logger.debug("otel-metadata: connecting to %s:%s", host, port)
+        self._peer = peer = self._untried.pop(0)
+        family, kind, proto, address = peer
+        _logger.debug("otel-metadata: connecting to %s", address)
         self._sock = sock = socket.socket(family, kind, proto)
         sock.setblocking(False)
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
@@ -591,6 +629,14 @@ class Connection:
     def _failed(self, exc: Exception) -> Outcome | None:
         """An error: resend once on a new connection if a kept-alive one had been closed by the
         server while idle (no byte of an answer came), else the error's Outcome."""
+        if self._step == 0 and self._peer is not None and not isinstance(exc, socket.gaierror):
+            self._t.failed_at(self._peer)
+            if self._untried:  # the connect failed (refused, no route): the next address
+                _logger.debug("otel-metadata: connect to %s failed (%s); trying %s",
+                              self._peer[3], exc, self._untried[0][3])
+                self._close_socket()
+                self.deadline = time.monotonic() + self._timeout
+                return self._start()
         if (self._phase == _EXCHANGE and self._answered and not self._resent
                 and isinstance(exc, ConnectionError) and not self._parser.received):
             _logger.debug("otel-metadata: the server closed an idle connection (%s); sending "
