@@ -65,6 +65,14 @@ class Pipeline:
 
 
 @pytest.fixture
+def closed_port() -> int:
+    """A port that was free a moment ago: nobody listens there, connections are refused."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+@pytest.fixture
 def unaccepting_port() -> Iterator[int]:
     """A port whose listener never accepts and whose accept queue is full: a connect there
     waits in the SYN queue, as one to a host that drops packets does."""

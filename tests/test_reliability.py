@@ -240,14 +240,6 @@ def silent_port() -> Iterator[int]:
         yield sock.getsockname()[1]
 
 
-@pytest.fixture
-def closed_port() -> int:
-    """A port nothing listens on: connections are refused."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
 def test_a_connect_that_never_completes_is_retried_then_dropped_counted_and_told(
     make_pipeline: Any, unaccepting_port: int, caplog: pytest.LogCaptureFixture,
 ) -> None:

@@ -572,15 +572,20 @@ def test_a_new_connection_tries_the_next_address_when_one_refuses_and_starts_wit
     assert server.metadata == {1: {"a": "b"}}
 
 
+def unreachable(port: int, via_proxy: bool, monkeypatch: pytest.MonkeyPatch) -> str:
+    """An endpoint on 127.0.0.1:`port`, or one whose proxy (from the environment) is there:
+    then the proxy is what cannot be reached."""
+    if not via_proxy:
+        return f"http://127.0.0.1:{port}{PATH}"
+    monkeypatch.setenv("HTTP_PROXY", f"http://127.0.0.1:{port}")
+    return f"http://192.0.2.1{PATH}"
+
+
 @pytest.mark.parametrize("via_proxy", [False, True])
 def test_a_connect_that_never_completes_is_a_connect_timeout(
     unaccepting_port: int, via_proxy: bool, monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    endpoint = f"http://127.0.0.1:{unaccepting_port}{PATH}"
-    if via_proxy:  # the proxy is what cannot be reached
-        monkeypatch.setenv("HTTP_PROXY", f"http://127.0.0.1:{unaccepting_port}")
-        endpoint = f"http://192.0.2.1{PATH}"
-    transport = Transport(endpoint, API_KEY, 1)
+    transport = Transport(unreachable(unaccepting_port, via_proxy, monkeypatch), API_KEY, 1)
     started = time.monotonic()
     outcome = transport.post(1, {"a": "b"}, timeout=0.3)
     took = time.monotonic() - started
@@ -593,23 +598,11 @@ def test_a_connect_that_never_completes_is_a_connect_timeout(
         assert f"connect to 127.0.0.1:{unaccepting_port} timed out" in outcome.detail
 
 
-@pytest.fixture
-def closed_port() -> int:
-    """A port that was free a moment ago: nobody listens there."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
 @pytest.mark.parametrize("via_proxy", [False, True])
 def test_a_connect_to_a_closed_port_is_refused(
     closed_port: int, via_proxy: bool, monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    endpoint = f"http://127.0.0.1:{closed_port}{PATH}"
-    if via_proxy:  # the proxy is what cannot be reached
-        monkeypatch.setenv("HTTP_PROXY", f"http://127.0.0.1:{closed_port}")
-        endpoint = f"http://192.0.2.1{PATH}"
-    outcome = post_one(Transport(endpoint, API_KEY, 1))
+    outcome = post_one(Transport(unreachable(closed_port, via_proxy, monkeypatch), API_KEY, 1))
     assert outcome.status is None and outcome.error == ("ProxyError" if via_proxy
                                                          else "ConnectionError")
     assert "[Errno 111] Connection refused" in outcome.detail
