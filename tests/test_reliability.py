@@ -231,6 +231,40 @@ def test_force_flush_honours_its_timeout_against_a_server_that_never_answers(
     assert server.metadata == {1: {"a": "b"}}
 
 
+class _SlowHandler(logging.Handler):
+    """A log handler that blocks on the sender's "next try" line, as a slow log shipper would:
+    the sender's loop is held up until `seconds` have passed."""
+
+    def __init__(self, seconds: float) -> None:
+        super().__init__(logging.DEBUG)
+        self.seconds = seconds
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if "next try in" in record.getMessage():
+            time.sleep(self.seconds)
+
+
+def test_a_retry_that_could_start_only_after_the_export_timeout_is_counted_and_told(
+    server: TrackMetadataServer, make_pipeline: Any, caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A retry due before the record's export timeout, but held up past it (the sender's loop
+    busy, here in a slow log handler): the record is given up on like any other, counted and
+    told once, never dropped unsaid."""
+    server.faults = Faults(first=[503])
+    caplog.set_level(logging.DEBUG, logger="otel_metadata")
+    slow = _SlowHandler(0.4)  # beyond the export timeout
+    logging.getLogger("otel_metadata").addHandler(slow)
+    try:
+        p = make_pipeline(export_timeout_millis=300)
+        send(p, 1, {"a": "b"})
+        assert p.flush(5000) is False
+    finally:
+        logging.getLogger("otel_metadata").removeHandler(slow)
+    assert p.processor.stats()["dropped.retries_exhausted"] == 1
+    told = [r.getMessage() for r in caplog.records if "giving up" in r.getMessage()]
+    assert len(told) == 1 and "HTTP 503" in told[0], told
+
+
 @pytest.fixture
 def silent_port() -> Iterator[int]:
     """A port that accepts connections (the kernel's backlog) and never answers."""

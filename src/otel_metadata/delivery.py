@@ -149,12 +149,13 @@ class AdaptiveConcurrency:
 class _Post:
     """One record on its way: its tries so far, its deadline, and the connection carrying it."""
 
-    __slots__ = ("entry", "deadline", "tries", "conn", "started", "began")
+    __slots__ = ("entry", "deadline", "tries", "last", "conn", "started", "began")
 
     def __init__(self, entry: Entry, deadline: float) -> None:
         self.entry = entry
         self.deadline = deadline  # the export timeout: no try starts after it
         self.tries = 0
+        self.last: Outcome | None = None  # how the latest try ended
         self.conn: Connection | None = None
         self.started = 0.0  # `AdaptiveConcurrency.acquire`'s time
         self.began = 0.0  # perf_counter at the start of this try (for `on_post`)
@@ -349,8 +350,8 @@ class Delivery:
         if retried:
             self._stats.add("retried")
         timeout = min(self._settings.request_timeout_s, post.deadline - self._clock())
-        if not timeout > 0:
-            self._finish(post, "dropped.retries_exhausted")
+        if not timeout > 0:  # due before the deadline, but the loop came to it late
+            self._give_up(post)
             return
         entry = post.entry
         request = self._transport.request(entry.request_id, entry.metadata)
@@ -419,6 +420,7 @@ class Delivery:
             self._reject(outcome)
             self._finish(post, "dropped.rejected")
             return
+        post.last = outcome
         now = self._clock()
         wait = self._retry.backoff(post.tries - 1, outcome.retry_after)
         # Only when a retry could still start before the deadline; shutdown ends the wait.
@@ -427,9 +429,14 @@ class Delivery:
                           post.entry.request_id, _describe(outcome), wait)
             heapq.heappush(self._retries, (now + wait, next(self._tries), post))
             return
+        self._give_up(post)
+
+    def _give_up(self, post: _Post) -> None:
+        """Out of time (the export timeout) for `post`: dropped, counted and told once."""
+        last = _describe(post.last) if post.last is not None else "none could start in time"
         self._stats.warn_once("drop", "exhausted", "otel-metadata: giving up on request %r "
                               "after %d tries (last: %s); further such drops are only counted",
-                              post.entry.request_id, post.tries, _describe(outcome))
+                              post.entry.request_id, post.tries, last)
         self._finish(post, "dropped.retries_exhausted")
 
     def _finish(self, post: _Post, fate: str) -> None:
