@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextvars
+import gc
 import logging
 import threading
 from collections.abc import Iterator
@@ -504,6 +505,44 @@ def test_lone_roots_are_remembered_beyond_max_traces(server, make_pipeline) -> N
             set_request_id(rid)
     assert p.flush()
     assert server.metadata == {rid: {"user_id": f"u{rid}"} for rid in range(1, 11)}
+
+
+class _Name(str):
+    """A str subclass, as an app's own string type: the SDK keeps it as an attribute value."""
+
+
+def test_a_root_whose_values_are_str_subclasses_still_serves_a_late_request(
+        server, make_pipeline) -> None:
+    """Remembered roots are kept in a compact form that takes exact strings only; a root with
+    another string type is held as a span instead, and its request still gets its metadata."""
+    p = make_pipeline(max_trace_wait_millis=600_000)
+    root = p.tracer.start_span("POST /chat")
+    root.set_attribute("user.id", _Name("bob"))
+    with trace.use_span(root):
+        llm = p.tracer.start_span("llm")
+    root.end()  # the handler returned; its stream is read later
+    with trace.use_span(llm, end_on_exit=True):
+        set_request_id(1)
+    assert p.flush()
+    assert server.metadata == {1: {"user_id": "bob"}}
+
+
+def test_remembered_roots_cost_the_garbage_collector_nothing() -> None:
+    """Tens of thousands of roots are remembered at a time on a busy app: none of them adds an
+    object the garbage collector tracks, so a full collection (on whichever thread it falls,
+    the app's too) does not visit them."""
+    posted: list[tuple[object, dict[str, str]]] = []
+    join = TraceJoin(lambda rid, md: posted.append((rid, md)) is None, static={},
+                     max_traces=10, max_wait_s=600, stats=Stats())
+    gc.collect()
+    before = len(gc.get_objects())
+    for tid in range(1, 20_001):
+        assert join.remember(tid, tid, 7, {"user_id": f"u{tid}", "tier": "gold"},
+                             {"end_user": f"e{tid}"})
+    gc.collect()
+    assert len(gc.get_objects()) - before < 100
+    join.add(SpanData(123, 9, 123, False, {}, request_ids=(1,)))  # a late request below one
+    assert posted == [(1, {"user_id": "u123", "tier": "gold", "end_user": "e123"})]
 
 
 def test_remembered_roots_are_forgotten_after_their_wait_and_bounded(monkeypatch) -> None:

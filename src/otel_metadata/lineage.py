@@ -29,6 +29,7 @@ same way (`remember`), as their metadata alone, until a later span of their trac
 
 from __future__ import annotations
 
+import marshal
 import threading
 import time
 from collections import OrderedDict
@@ -60,8 +61,12 @@ Hold = Callable[[RequestId, dict[str, str]], None]
 MAX_REMEMBERED_ROOTS = 65_536
 # Parent links remembered for spans outside held traces: two generations of this many each.
 LINK_GENERATION = 16_384
-# A local root remembered alone: when to forget, span ID, parent ID, metadata, fallback.
-_EndedRoot = tuple[float, int, "int | None", Mapping[str, str], "Mapping[str, str] | None"]
+# A local root remembered alone: (when to forget, span ID, parent ID, metadata, fallback),
+# marshalled. As bytes it is not tracked by the garbage collector: as a tuple holding a dict it
+# was, and every full collection visited each of tens of thousands of remembered roots (about
+# 1 us each, cache misses; most of a full collection's time), also on the app's thread.
+_EndedRoot = bytes
+_Root = tuple[float, int, "int | None", dict[str, str], "dict[str, str] | None"]
 
 
 @dataclass(slots=True)
@@ -182,18 +187,22 @@ class TraceJoin:
                 self._old_links, self.links = full, {}
 
     def remember(self, trace_id: int, span_id: int, parent_id: int | None,
-                 metadata: Mapping[str, str], fallback: Mapping[str, str] | None) -> bool:
+                 metadata: dict[str, str], fallback: dict[str, str] | None) -> bool:
         """A local root that carries no request ID ended: remember it for `max_wait_s`, in case
         a request below it ends later, when nothing of its trace is known (most such roots),
         without a `SpanData`. False when it must be added as a span instead (or, inside our
-        own work, skipped). The mappings are kept, not copied."""
+        own work, skipped; or its mappings are not plain dicts of strings)."""
         if (trace_id in self.traces or trace_id in self.ended_roots
                 or trace_id in self._old_roots or self._owner is not None):
             return False
         with self._lock:
-            roots = self.ended_roots
             due = self._clock() + self._wait
-            roots[trace_id] = (due, span_id, parent_id, metadata, fallback)
+            try:
+                root = marshal.dumps((due, span_id, parent_id, metadata, fallback))
+            except ValueError:  # a str subclass among the values, say: marshal takes exact types
+                return False
+            roots = self.ended_roots
+            roots[trace_id] = root
             if len(roots) >= self._root_generation or due > self._roots_until:
                 self._new_root_generation(due - self._wait)
         return True
@@ -201,9 +210,15 @@ class TraceJoin:
     def _new_root_generation(self, now: float) -> None:
         """The current generation becomes the old one; the old one is forgotten, each of its
         roots still within its wait counted as evicted."""
-        old = self._old_roots
-        if old and next(reversed(old.values()))[0] > now:  # its newest is within the wait
-            self._stats.add("traces_evicted", sum(1 for root in old.values() if root[0] > now))
+        # Roots were remembered in the order of their due times: those within their wait are
+        # the newest.
+        within = 0
+        for root in reversed(self._old_roots.values()):
+            if _unpack(root)[0] <= now:
+                break
+            within += 1
+        if within:
+            self._stats.add("traces_evicted", within)
         self._old_roots, self.ended_roots = self.ended_roots, {}
         self._roots_until = now + 2 * self._wait
 
@@ -212,7 +227,7 @@ class TraceJoin:
         if trace_id in self.traces:
             return True
         now = self._clock()
-        return any(root is not None and root[0] > now
+        return any(root is not None and _unpack(root)[0] > now
                    for root in (self.ended_roots.get(trace_id), self._old_roots.get(trace_id)))
 
     def linked(self, trace_id: int, span_id: int) -> bool:
@@ -247,8 +262,8 @@ class TraceJoin:
             return
         now = self._clock()
         for roots in (self._old_roots, self.ended_roots):
-            root = roots.pop(tid, None)
-            if root is not None and root[0] > now:
+            packed = roots.pop(tid, None)
+            if packed is not None and (root := _unpack(packed))[0] > now:
                 _, span_id, parent_id, metadata, fallback = root
                 self._add(SpanData(tid, span_id, parent_id, True, metadata, fallback=fallback))
 
@@ -550,3 +565,7 @@ def _due(phase: dict[int, _Trace], now: float) -> list[tuple[int, _Trace]]:
             break
         out.append((tid, trace))
     return out
+
+
+def _unpack(root: _EndedRoot) -> _Root:
+    return marshal.loads(root)  # type: ignore[no-any-return]
