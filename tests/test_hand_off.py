@@ -227,9 +227,9 @@ def test_an_idle_worker_with_nothing_held_sleeps_without_waking(server, make_pip
 
 def test_sources_wake_a_gathering_worker_only_when_the_hand_off_fills(
         server, make_pipeline, monkeypatch) -> None:
-    """With a gather period longer than the test, only a hand-off past `EARLY_WAKE_ITEMS`
-    (far below the backlog's bound: what waits keeps spans' memory alive) starts the next pass."""
-    monkeypatch.setattr(intake_module, "EARLY_WAKE_ITEMS", 16)
+    """With a gather period longer than the test, only a hand-off past a quarter of
+    MAX_BACKLOG can start the next pass."""
+    monkeypatch.setattr(intake_module, "MAX_BACKLOG", 64)
     monkeypatch.setattr(intake_module, "GATHER_S", 600.0)
     p = make_pipeline(max_trace_wait_millis=600_000)
 
@@ -243,5 +243,5 @@ def test_sources_wake_a_gathering_worker_only_when_the_hand_off_fills(
     roots(10)
     time.sleep(0.3)  # the window observed: a hand-off that woke the worker would show
     assert p.processor.stats()["backlog"] == 10
-    roots(10)  # 20 waiting: past 16
+    roots(10)  # 20 waiting: past 64 // 4
     assert wait_for(lambda: p.processor.stats()["backlog"] == 0)

@@ -9,7 +9,7 @@ what the join holds, then flush delivery.
 
 The worker wakes seldom, as a wake-up costs far more CPU than the pass it starts (`_work`): at
 most one pass per `GATHER_S` while spans keep coming, woken by nobody; a source wakes it only
-when it sleeps idle, or when the hand-off holds `EARLY_WAKE_ITEMS`.
+when it sleeps idle, or when the hand-off fills past a quarter of its bound.
 
 Beware: most spans carry nothing for us, so `ended` decides that first with set tests (learnt
 attribute names), and such a span only leaves its parent link behind: keep that path short.
@@ -53,13 +53,9 @@ GATHER_S = 0.1
 # ... with a spool: a span handed over is not on disk until joined, and `kill -9` loses what the
 # hand-off holds, so passes come this often instead (more CPU per record, a smaller window).
 SPOOL_GATHER_S = 0.01
-# While it gathers, the worker is woken early once the hand-off holds this many items. What
-# waits there keeps the spans' attribute dicts and contexts alive, and thousands of them (a
-# gather at tens of thousands of spans/s) push the app thread's new spans onto memory that is
-# no longer in the cache: hot path A cost +2.37/+2.65 us per span with 512 here, against
-# +3.33/+3.16 with a quarter of MAX_BACKLOG, back to back. Below ~5 000 items/s a pass still
-# comes only every GATHER_S (more passes cost the worker CPU: ~+60 us per record at 4x).
-EARLY_WAKE_ITEMS = 512
+# While it gathers, the worker is woken early once the hand-off holds MAX_BACKLOG // this: at
+# 100 000 spans/s that is 41 ms in, with 120 ms of room left for the pass to start.
+_EARLY_WAKE_SHARE = 4
 # `Intake._wake_at` while the worker is awake (or already woken): no source wakes it.
 _AWAKE = 1 << 62
 
@@ -308,8 +304,8 @@ class Intake:
         A wake-up costs the worker more CPU than a pass's work (the scheduler, then a pass on
         cold caches: ~300 µs each, measured), and the app's thread a GIL hand-over, so they are
         kept few: while the previous pass found spans, the next comes
-        `GATHER_S` later, sooner only when the hand-off passes `EARLY_WAKE_ITEMS` (so at most
-        1 / `GATHER_S` passes a second below that many items per `GATHER_S`). Once a pass found
+        `GATHER_S` later (at most 1 / `GATHER_S` passes a second, however fast spans come),
+        sooner only when the hand-off passes a quarter of `MAX_BACKLOG`. Once a pass found
         none, the worker sleeps idle until a source hands something over (that source sets the
         event: the only `set` a steady stream costs is the first) or the next held trace is
         due, never sooner than `GATHER_S` after the last pass. So a trace is posted at most
@@ -320,7 +316,7 @@ class Intake:
         gathering = False  # the last pass found spans: more are likely coming
         while True:
             if gathering:
-                self._wake_at = EARLY_WAKE_ITEMS
+                self._wake_at = MAX_BACKLOG // _EARLY_WAKE_SHARE
                 timeout: float | None = self._gather_s
             else:
                 self._wake_at = 0
