@@ -433,10 +433,10 @@ class Delivery:
 
     def _give_up(self, post: _Post) -> None:
         """Out of time (the export timeout) for `post`: dropped, counted and told once."""
-        last = _describe(post.last) if post.last is not None else "none could start in time"
-        self._stats.warn_once("drop", "exhausted", "otel-metadata: giving up on request %r "
-                              "after %d tries (last: %s); further such drops are only counted",
-                              post.entry.request_id, post.tries, last)
+        tried = (f"after {post.tries} tries (last: {_describe(post.last)})" if post.last
+                 is not None else "before a try could start (the export timeout ran out)")
+        self._stats.warn_once("drop", "exhausted", "otel-metadata: giving up on request %r %s; "
+                              "further such drops are only counted", post.entry.request_id, tried)
         self._finish(post, "dropped.retries_exhausted")
 
     def _finish(self, post: _Post, fate: str) -> None:

@@ -30,6 +30,7 @@ same way (`remember`), as their metadata alone, until a later span of their trac
 from __future__ import annotations
 
 import marshal
+import struct
 import threading
 import time
 from collections import OrderedDict
@@ -61,12 +62,14 @@ Hold = Callable[[RequestId, dict[str, str]], None]
 MAX_REMEMBERED_ROOTS = 65_536
 # Parent links remembered for spans outside held traces: two generations of this many each.
 LINK_GENERATION = 16_384
-# A local root remembered alone: (when to forget, span ID, parent ID, metadata, fallback),
-# marshalled. As bytes it is not tracked by the garbage collector: as a tuple holding a dict it
-# was, and every full collection visited each of tens of thousands of remembered roots (about
-# 1 us each, cache misses; most of a full collection's time), also on the app's thread.
+# A local root remembered alone: when to forget (a double), then (span ID, parent ID, metadata,
+# fallback) marshalled. As bytes it is not tracked by the garbage collector: as a tuple holding
+# a dict it was, and every full collection visited each of tens of thousands of remembered
+# roots (about 1 us each, cache misses; most of a full collection's time), also on the app's
+# thread. The due time comes first, unmarshalled, so a generation's roots are counted cheaply.
 _EndedRoot = bytes
-_Root = tuple[float, int, "int | None", dict[str, str], "dict[str, str] | None"]
+_Root = tuple[int, "int | None", dict[str, str], "dict[str, str] | None"]
+_DUE = struct.Struct("d")
 
 
 @dataclass(slots=True)
@@ -198,7 +201,7 @@ class TraceJoin:
         with self._lock:
             due = self._clock() + self._wait
             try:
-                root = marshal.dumps((due, span_id, parent_id, metadata, fallback))
+                root = _DUE.pack(due) + marshal.dumps((span_id, parent_id, metadata, fallback))
             except ValueError:  # a str subclass among the values, say: marshal takes exact types
                 return False
             roots = self.ended_roots
@@ -214,7 +217,7 @@ class TraceJoin:
         # the newest.
         within = 0
         for root in reversed(self._old_roots.values()):
-            if _unpack(root)[0] <= now:
+            if _root_due(root) <= now:
                 break
             within += 1
         if within:
@@ -227,7 +230,7 @@ class TraceJoin:
         if trace_id in self.traces:
             return True
         now = self._clock()
-        return any(root is not None and _unpack(root)[0] > now
+        return any(root is not None and _root_due(root) > now
                    for root in (self.ended_roots.get(trace_id), self._old_roots.get(trace_id)))
 
     def linked(self, trace_id: int, span_id: int) -> bool:
@@ -263,8 +266,8 @@ class TraceJoin:
         now = self._clock()
         for roots in (self._old_roots, self.ended_roots):
             packed = roots.pop(tid, None)
-            if packed is not None and (root := _unpack(packed))[0] > now:
-                _, span_id, parent_id, metadata, fallback = root
+            if packed is not None and _root_due(packed) > now:
+                span_id, parent_id, metadata, fallback = _unpack(packed)
                 self._add(SpanData(tid, span_id, parent_id, True, metadata, fallback=fallback))
 
     def _add(self, span: SpanData) -> None:
@@ -567,5 +570,9 @@ def _due(phase: dict[int, _Trace], now: float) -> list[tuple[int, _Trace]]:
     return out
 
 
+def _root_due(root: _EndedRoot) -> float:
+    return _DUE.unpack_from(root)[0]  # type: ignore[no-any-return]
+
+
 def _unpack(root: _EndedRoot) -> _Root:
-    return marshal.loads(root)  # type: ignore[no-any-return]
+    return marshal.loads(memoryview(root)[_DUE.size:])  # type: ignore[no-any-return]
