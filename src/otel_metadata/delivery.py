@@ -433,8 +433,10 @@ class Delivery:
 
     def _give_up(self, post: _Post) -> None:
         """Out of time (the export timeout) for `post`: dropped, counted and told once."""
-        tried = (f"after {post.tries} tries (last: {_describe(post.last)})" if post.last
-                 is not None else "before a try could start (the export timeout ran out)")
+        if post.last is None:
+            tried = "before a try could start (the export timeout ran out)"
+        else:
+            tried = f"after {post.tries} tries (last: {_describe(post.last)})"
         self._stats.warn_once("drop", "exhausted", "otel-metadata: giving up on request %r %s; "
                               "further such drops are only counted", post.entry.request_id, tried)
         self._finish(post, "dropped.retries_exhausted")
