@@ -4,6 +4,7 @@ them, and must not be held past `shutdown_timeout` by an unreachable API."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import socket
@@ -47,7 +48,7 @@ def start_app() -> Iterator[object]:
         child_env = {k: v for k, v in os.environ.items()
                      if not k.startswith(("OTEL_", "PROMPTLAYER_"))}
         child_env.update(PROMPTLAYER_API_KEY=API_KEY, PROMPTLAYER_BASE_URL=base_url,
-                         PYTHONPATH=str(APPS), **env)
+                         PYTHONPATH=str(APPS), PYTHONFAULTHANDLER="1", **env)
         proc = subprocess.Popen(_command(kind, port), cwd=APPS, env=child_env, text=True,
                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE)
         started.append(proc)
@@ -77,11 +78,32 @@ def _requests(port: int) -> None:
 
 
 def _terminate(proc: subprocess.Popen[str], timeout: float = 30) -> tuple[float, str, str]:
-    """SIGTERM right away; how long the process took to exit, and what it printed and logged."""
+    """SIGTERM right away; how long the process took to exit, and what it printed and logged.
+
+    A process still there after `timeout` fails the test with every thread's stack, its own
+    and its children's (PYTHONFAULTHANDLER dumps them on SIGABRT), to show where it hung."""
     started = time.monotonic()
     proc.send_signal(signal.SIGTERM)
-    stdout, stderr = proc.communicate(timeout=timeout)
+    try:
+        stdout, stderr = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        for pid in (*_children(proc.pid), proc.pid):
+            with contextlib.suppress(OSError):
+                os.kill(pid, signal.SIGABRT)
+        stdout, stderr = proc.communicate(timeout=30)
+        pytest.fail(f"still running {timeout:g} s after SIGTERM; stderr:\n{stderr[-20000:]}")
     return time.monotonic() - started, stdout, stderr
+
+
+def _children(pid: int) -> list[int]:
+    """The processes whose parent is `pid` (gunicorn's workers), from /proc."""
+    found = []
+    for entry in os.listdir("/proc"):
+        with contextlib.suppress(OSError, ValueError, IndexError):
+            with open(f"/proc/{entry}/stat") as f:
+                if int(f.read().rsplit(")", 1)[1].split()[1]) == pid:
+                    found.append(int(entry))
+    return found
 
 
 ALL = {rid: {"user_id": f"user-{rid}"} for rid in range(1, REQUESTS + 1)}
