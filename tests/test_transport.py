@@ -34,6 +34,9 @@ from hypothesis import strategies as st
 
 from otel_metadata import http1
 from otel_metadata import transport as transport_module
+from otel_metadata.config import resolve
+from otel_metadata.delivery import Delivery
+from otel_metadata.queue import RecordQueue
 from otel_metadata.stats import Stats
 from otel_metadata.testing._http import JSONHandler, LocalServer
 from otel_metadata.testing.track_metadata import PATH, TrackMetadataServer
@@ -409,6 +412,7 @@ class _ScriptedHandler(JSONHandler):
 
     def finish(self) -> None:
         super().finish()
+        self.connection.close()  # counted once closed: the client may already see it
         with self.owner._lock:
             self.owner.closed += 1
 
@@ -497,6 +501,47 @@ def test_a_kept_connection_the_server_closed_while_idle_is_reconnected_and_sent_
     transport.close()
     assert srv.ids == [1, 2]  # the second request reached the server once: on the new connection
     assert srv.connections == 2 and stats.snapshot()["resent"] == 1
+
+
+def test_on_a_loop_a_kept_connection_hears_the_servers_close_while_idle(scripted: Any) -> None:
+    """Kept alive, it stays registered for reading: the server's close is seen while idle, so
+    the next request opens a new connection at once, with no resend."""
+    srv = scripted(OK, "close")  # closes after the first answer, which did not say it would
+    stats = Stats()
+    transport = Transport(srv.base_url + PATH, API_KEY, 1, stats)
+    conn = transport.connection()
+    with selectors.DefaultSelector() as selector:
+        assert drive([(conn, transport.request(1, {"a": "b"}))], selector)[0].status == 200
+        assert conn.reusable
+        wait_until(lambda: srv.closed == 1, "the server to close the idle connection")
+        ready = selector.select(5)
+        assert [key.data for key, _ in ready] == [conn]
+        assert conn.advance() is None and not conn.reusable and conn.fileno() == -1
+        assert not selector.get_map()
+        assert drive([(conn, transport.request(2, {"a": "b"}))], selector)[0] == Outcome(200)
+    conn.close()
+    assert srv.ids == [1, 2] and srv.connections == 2
+    assert stats.snapshot().get("resent", 0) == 0
+
+
+def test_delivery_goes_on_after_the_server_closes_its_kept_connections_while_idle(
+    scripted: Any,
+) -> None:
+    """Each close is heard on the loop while the connection is idle (no resend), and the loop
+    goes on delivering on new connections."""
+    srv = scripted(OK, default="close")
+    settings = resolve(api_key=API_KEY, base_url=srv.base_url, schedule_delay_millis=0)
+    stats = Stats()
+    delivery = Delivery(RecordQueue(16, 16, 0), Transport(settings.endpoint, API_KEY, 1, stats),
+                        settings, stats)
+    try:
+        for rid in (1, 2, 3):
+            assert delivery.submit(rid, {"a": "b"}) and delivery.force_flush(10)
+            wait_until(lambda n=rid: srv.closed == n, "the server to close the idle connection")
+    finally:
+        delivery.shutdown(1)
+    assert srv.ids == [1, 2, 3] and srv.connections == 3
+    assert stats.snapshot().get("resent", 0) == 0 and stats.snapshot()["delivered"] == 3
 
 
 def test_a_resend_happens_once_and_a_new_connection_that_fails_is_an_error(
@@ -632,7 +677,9 @@ def drive(exchanges: list[tuple[Connection, bytes]], selector: selectors.BaseSel
                 outcomes[i] = conn.timed_out()
         if on_turn is not None:
             on_turn()
-    assert not selector.get_map()  # every connection unregistered itself
+    # What stays registered is a kept connection, idle, listening for the server's close.
+    assert all(key.data.reusable and key.events == selectors.EVENT_READ
+               for key in selector.get_map().values())
     return [outcomes[i] for i in range(len(exchanges))]
 
 

@@ -321,11 +321,13 @@ class Delivery:
             wake.append(self._next_sweep)
         timeout = max(0.0, min(wake) - self._clock()) if wake else None
         for key, _ in self._selector.select(None if timeout is None else min(timeout, MAX_WAIT_S)):
-            post = key.data
-            if post is None:
+            data = key.data
+            if type(data) is _Post:
+                self._advance(data)
+            elif data is None:
                 self._waker.drain()
-            else:
-                self._advance(post)
+            else:  # a kept connection, readable while idle: the server closed it
+                data.advance()
         now = self._clock()
         if now >= self._next_sweep:
             self._sweep(now)

@@ -22,6 +22,7 @@ goes nowhere but the endpoint. Errors are named as `requests` named them (`Outco
 from __future__ import annotations
 
 import base64
+import contextlib
 import errno
 import json
 import logging
@@ -33,7 +34,6 @@ import threading
 import time
 import urllib.request
 from collections.abc import Iterator, Mapping
-from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import SplitResult, unquote, urlsplit
@@ -77,7 +77,7 @@ _Address = tuple[int, int, int, Any]
 _CLOSED, _CONNECTING, _TLS, _TUNNEL, _EXCHANGE, _IDLE = range(6)
 
 
-@contextmanager
+@contextlib.contextmanager
 def suppressed_instrumentation() -> Iterator[None]:
     """Instrumentations (requests, urllib3, ...) create no spans inside this block: nothing the
     transport calls is instrumented, but a log handler it may reach could be."""
@@ -363,12 +363,15 @@ class Connection:
     until one of them returns the Outcome; or `timed_out` once `time.monotonic()` passes
     `deadline`. The connection registers itself with the selector given to `begin` (with the
     `data` given there), keeps that registration to what it waits for (`wants`) and to its
-    socket, and unregisters itself when the exchange ends: the loop never registers, modifies
-    or unregisters it, it selects, calls `advance` with `key.data`'s connection, and watches
-    `deadline`. The socket can change under an exchange: a kept-alive connection the server
-    closed while idle (the request could not be sent, or the connection ended before any byte
-    of the answer) is reconnected and the request sent again, once (the API replaces keys, so
-    a repeat is harmless; counted as ``resent`` in the transport's stats). After the Outcome,
+    socket: the loop never registers, modifies or unregisters it, it selects, calls `advance`
+    with `key.data`'s connection, and watches `deadline`. A connection kept alive stays
+    registered for reading while idle, with itself as the key's data: that saves two system
+    calls per exchange (each also a hand-over of the GIL to a busy app thread), and readable
+    while idle means the server closed it (`advance` then closes it too). The socket can
+    change under an exchange: a kept-alive connection the server closed unheard (the request
+    could not be sent, or the connection ended before any byte of the answer) is reconnected
+    and the request sent again, once (the API replaces keys, so a repeat is harmless; counted
+    as ``resent`` in the transport's stats). After the Outcome,
     `reusable` says whether it may carry the next request (`begin` again); if not, it is
     closed already, and a `begin` would connect anew. One exchange at a time, in one thread.
 
@@ -401,7 +404,8 @@ class Connection:
         self._answered = 0  # exchanges this socket has carried
         self._resent = False
         self._selector: selectors.BaseSelector | None = None
-        self._data: object = None
+        self._data: object = None  # the key's data while an exchange goes on
+        self._keyed: object = None  # the data the registration carries now
         self._outcome: Outcome | None = None  # the last exchange's
         self._watched: socket.socket | None = None
         self._own_selector: selectors.BaseSelector | None = None
@@ -422,6 +426,8 @@ class Connection:
         it ended at once (the host not resolved, a connect refused at once, a kept connection
         that sent and got its whole answer already). `timeout` bounds the connect and each
         read, as `requests` took it."""
+        if self._watched is not None and selector is not self._selector:
+            self._unwatch()  # registered, idle, with another loop's selector
         self._request, self._timeout, self._selector = request, timeout, selector
         self._data = self if data is None else data
         self._resent = False
@@ -434,8 +440,13 @@ class Connection:
     def advance(self) -> Outcome | None:
         """The socket is ready: go as far as possible without blocking. The Outcome once the
         exchange ended (network errors included), else None. Harmless when the socket is not
-        ready after all; after the exchange ended, its Outcome again."""
-        if self._phase in (_CLOSED, _IDLE):
+        ready after all; after the exchange ended, its Outcome again. Idle (kept alive, nothing
+        asked), it is readable only when the server closed it, or sent what nobody asked for:
+        closed, and None."""
+        if self._phase == _IDLE:
+            self._close_socket()
+            return None
+        if self._phase == _CLOSED:
             return self._outcome
         self._drained = False
         try:
@@ -616,11 +627,12 @@ class Connection:
             status, retry_after=parse_retry_after(parser.headers.get("retry-after")),
             detail="" if 200 <= status < 300 else
             self._t.redact(parser.body.decode("utf-8", "replace"), 300))
-        self._unwatch()
-        self.wants = 0
         if parser.keep_alive and not parser.rest and not self._eof:
             self._phase = _IDLE
             self.reusable = True
+            if self._watched is not None:  # stays registered, to hear of the server's close
+                self._data = self
+                self._wait(selectors.EVENT_READ)
         else:
             self._close_socket()
         self._outcome = outcome
@@ -751,15 +763,19 @@ class Connection:
         if self._watched is None:
             self._selector.register(self._sock, events, self._data)
             self._watched = self._sock
-        elif events != self.wants:
+        elif events != self.wants or self._keyed is not self._data:
+            # Only new data (a kept connection's next exchange): no system call for that.
             self._selector.modify(self._sock, events, self._data)
+        self._keyed = self._data
         self.wants = events
 
     def _unwatch(self) -> None:
         if self._watched is not None:
             assert self._selector is not None
-            self._selector.unregister(self._watched)
-            self._watched = None
+            # KeyError: the selector was closed first (the loop ended, this one kept idle).
+            with contextlib.suppress(KeyError):
+                self._selector.unregister(self._watched)
+            self._watched = self._keyed = None
 
     def _close_socket(self) -> None:
         self._unwatch()
