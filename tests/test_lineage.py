@@ -511,16 +511,19 @@ class _Name(str):
     """A str subclass, as an app's own string type: the SDK keeps it as an attribute value."""
 
 
-def test_a_root_whose_values_are_str_subclasses_still_serves_a_late_request(
+def test_a_root_whose_values_are_str_subclasses_is_remembered_and_serves_a_late_request(
         server, make_pipeline) -> None:
-    """Remembered roots are kept in a compact form that takes exact strings only; a root with
-    another string type is held as a span instead, and its request still gets its metadata."""
+    """Remembered roots are kept in a compact form that takes exact strings only: an app's own
+    string type (a StrEnum, say) is mapped to its text as a plain string, so such a root is
+    remembered like any other rather than held as a trace (each one under `max_traces`)."""
     p = make_pipeline(max_trace_wait_millis=600_000)
     root = p.tracer.start_span("POST /chat")
     root.set_attribute("user.id", _Name("bob"))
     with trace.use_span(root):
         llm = p.tracer.start_span("llm")
     root.end()  # the handler returned; its stream is read later
+    assert wait_for(lambda: p.processor.stats()["backlog"] == 0)
+    assert p.processor.stats()["held_traces"] == 0
     with trace.use_span(llm, end_on_exit=True):
         set_request_id(1)
     assert p.flush()

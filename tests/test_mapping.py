@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import enum
 import json
 
 import pytest
@@ -66,6 +67,19 @@ def test_extra_attributes_are_mapped_explicitly_below_standard_ones() -> None:
 ])
 def test_values_follow_opentelemetry_non_otlp_rule(value, text) -> None:
     assert stringify(value) == text
+
+
+class _Tier(str, enum.Enum):
+    """An app's own string type: `str()` of it says "_Tier.GOLD", its text is "gold"."""
+
+    GOLD = "gold"
+
+
+def test_an_apps_own_string_type_gives_its_text_as_a_plain_str() -> None:
+    """As JSON would encode it: the text, not the subclass's `__str__`; and a plain `str`, which
+    the compact store of remembered roots needs."""
+    text = stringify(_Tier.GOLD)
+    assert text == "gold" and type(text) is str
 
 
 def test_long_values_truncate_and_long_keys_drop_counted_once_per_key(caplog) -> None:

@@ -166,9 +166,12 @@ def _prefixes(steps: tuple[_Step, ...]) -> tuple[str, ...]:
 
 
 def stringify(value: object) -> str | None:
-    """OpenTelemetry's rule for non-OTLP exporters; None for a value no attribute can hold."""
-    if isinstance(value, str):
+    """OpenTelemetry's rule for non-OTLP exporters; None for a value no attribute can hold.
+    Text is always a plain `str`: an app's own string type (a StrEnum, say) gives its text."""
+    if type(value) is str:
         return value
+    if isinstance(value, str):
+        return str.__str__(value)  # the text itself, whatever the subclass's own __str__ says
     if isinstance(value, bool):
         return "true" if value else "false"
     if isinstance(value, (int, float)):
