@@ -252,10 +252,12 @@ def test_a_retry_that_could_start_only_after_the_export_timeout_is_counted_and_t
     told once, never dropped unsaid."""
     server.faults = Faults(first=[503])
     caplog.set_level(logging.DEBUG, logger="otel_metadata")
-    slow = _SlowHandler(0.4)  # beyond the export timeout
+    # Beyond the export timeout, which leaves the 503 a second to come back in, on a busy
+    # machine too (the retry is due ~10 ms after it).
+    slow = _SlowHandler(1.1)
     logging.getLogger("otel_metadata").addHandler(slow)
     try:
-        p = make_pipeline(export_timeout_millis=300)
+        p = make_pipeline(export_timeout_millis=1000)
         send(p, 1, {"a": "b"})
         assert p.flush(5000) is False
     finally:
