@@ -321,13 +321,13 @@ class Delivery:
             wake.append(self._next_sweep)
         timeout = max(0.0, min(wake) - self._clock()) if wake else None
         for key, _ in self._selector.select(None if timeout is None else min(timeout, MAX_WAIT_S)):
-            data = key.data
-            if type(data) is _Post:
-                self._advance(data)
-            elif data is None:
+            conn = key.data
+            if conn is None:
                 self._waker.drain()
-            else:  # a kept connection, readable while idle: the server closed it
-                data.advance()
+            elif conn.data is None:  # a kept connection, readable while idle: closed
+                conn.advance()
+            else:
+                self._advance(conn.data)
         now = self._clock()
         if now >= self._next_sweep:
             self._sweep(now)

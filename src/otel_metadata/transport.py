@@ -361,13 +361,14 @@ class Connection:
 
     An exchange is `begin`, then `advance` each time the selector reports the connection ready,
     until one of them returns the Outcome; or `timed_out` once `time.monotonic()` passes
-    `deadline`. The connection registers itself with the selector given to `begin` (with the
-    `data` given there), keeps that registration to what it waits for (`wants`) and to its
+    `deadline`. The connection registers itself with the selector given to `begin`, itself as
+    the key's data, and keeps that registration to what it waits for (`wants`) and to its
     socket: the loop never registers, modifies or unregisters it, it selects, calls `advance`
-    with `key.data`'s connection, and watches `deadline`. A connection kept alive stays
-    registered for reading while idle, with itself as the key's data: that saves two system
-    calls per exchange (each also a hand-over of the GIL to a busy app thread), and readable
-    while idle means the server closed it (`advance` then closes it too). The socket can
+    on `key.data`, and watches `deadline`; `data` is the loop's own tag for the exchange under
+    way (given to `begin`; None while idle). A connection kept alive stays registered for
+    reading while idle: no system call per exchange for the selector (each would also hand the
+    GIL to a busy app thread), and readable while idle means the server closed it (`advance`
+    then closes it too). The socket can
     change under an exchange: a kept-alive connection the server closed unheard (the request
     could not be sent, or the connection ended before any byte of the answer) is reconnected
     and the request sent again, once (the API replaces keys, so a repeat is harmless; counted
@@ -404,8 +405,7 @@ class Connection:
         self._answered = 0  # exchanges this socket has carried
         self._resent = False
         self._selector: selectors.BaseSelector | None = None
-        self._data: object = None  # the key's data while an exchange goes on
-        self._keyed: object = None  # the data the registration carries now
+        self.data: object = None  # the loop's tag for the exchange under way; None: idle
         self._outcome: Outcome | None = None  # the last exchange's
         self._watched: socket.socket | None = None
         self._own_selector: selectors.BaseSelector | None = None
@@ -422,14 +422,14 @@ class Connection:
               data: object = None) -> Outcome | None:
         """Start sending `request` (from `Transport.request`), connecting first if need be; does
         what it can without blocking. None while the exchange goes on, the connection then
-        registered with `selector`, carrying `data` (this Connection if None); the Outcome if
+        registered with `selector` and `data` its tag until it ends; the Outcome if
         it ended at once (the host not resolved, a connect refused at once, a kept connection
         that sent and got its whole answer already). `timeout` bounds the connect and each
         read, as `requests` took it."""
         if self._watched is not None and selector is not self._selector:
             self._unwatch()  # registered, idle, with another loop's selector
         self._request, self._timeout, self._selector = request, timeout, selector
-        self._data = self if data is None else data
+        self.data = data
         self._resent = False
         self._outcome = None
         self._untried = []
@@ -630,8 +630,8 @@ class Connection:
         if parser.keep_alive and not parser.rest and not self._eof:
             self._phase = _IDLE
             self.reusable = True
+            self.data = None
             if self._watched is not None:  # stays registered, to hear of the server's close
-                self._data = self
                 self._wait(selectors.EVENT_READ)
         else:
             self._close_socket()
@@ -761,12 +761,10 @@ class Connection:
         """Wait for `events`: the selector is told (registering the current socket)."""
         assert self._selector is not None and self._sock is not None
         if self._watched is None:
-            self._selector.register(self._sock, events, self._data)
+            self._selector.register(self._sock, events, self)
             self._watched = self._sock
-        elif events != self.wants or self._keyed is not self._data:
-            # Only new data (a kept connection's next exchange): no system call for that.
-            self._selector.modify(self._sock, events, self._data)
-        self._keyed = self._data
+        elif events != self.wants:
+            self._selector.modify(self._sock, events, self)
         self.wants = events
 
     def _unwatch(self) -> None:
@@ -775,7 +773,7 @@ class Connection:
             # KeyError: the selector was closed first (the loop ended, this one kept idle).
             with contextlib.suppress(KeyError):
                 self._selector.unregister(self._watched)
-            self._watched = self._keyed = None
+            self._watched = None
 
     def _close_socket(self) -> None:
         self._unwatch()
