@@ -130,6 +130,10 @@ def proxy_for(endpoint: str) -> str | None:
     return proxy if "://" in proxy else f"http://{proxy}"
 
 
+# Outcomes of 2xx answers without Retry-After, by status: immutable, so one of each is shared.
+_SUCCESS: dict[int, Outcome] = {}
+
+
 class _RemoteDisconnected(ConnectionResetError):
     """The connection ended before the answer did."""
 
@@ -623,10 +627,13 @@ class Connection:
                                           "bytes")
         self._answered += 1
         status = parser.status
-        outcome = Outcome(
-            status, retry_after=parse_retry_after(parser.headers.get("retry-after")),
-            detail="" if 200 <= status < 300 else
-            self._t.redact(parser.body.decode("utf-8", "replace"), 300))
+        retry_after = parser.headers.get("retry-after")
+        if retry_after is None and 200 <= status < 300:  # nearly every answer: one shared value
+            outcome = _SUCCESS.get(status) or _SUCCESS.setdefault(status, Outcome(status))
+        else:
+            outcome = Outcome(status, retry_after=parse_retry_after(retry_after),
+                              detail="" if 200 <= status < 300 else
+                              self._t.redact(parser.body.decode("utf-8", "replace"), 300))
         if parser.keep_alive and not parser.rest and not self._eof:
             self._phase = _IDLE
             self.reusable = True
