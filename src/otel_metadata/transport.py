@@ -372,13 +372,12 @@ class Connection:
     way (given to `begin`; None while idle). A connection kept alive stays registered for
     reading while idle: no system call per exchange for the selector (each would also hand the
     GIL to a busy app thread), and readable while idle means the server closed it (`advance`
-    then closes it too). The socket can
-    change under an exchange: a kept-alive connection the server closed unheard (the request
-    could not be sent, or the connection ended before any byte of the answer) is reconnected
-    and the request sent again, once (the API replaces keys, so a repeat is harmless; counted
-    as ``resent`` in the transport's stats). After the Outcome,
-    `reusable` says whether it may carry the next request (`begin` again); if not, it is
-    closed already, and a `begin` would connect anew. One exchange at a time, in one thread.
+    then closes it too). The socket can change under an exchange: a kept-alive connection the
+    server closed unheard (the request could not be sent, or the connection ended before any
+    byte of the answer) is reconnected and the request sent again, once (the API replaces keys,
+    so a repeat is harmless; counted as ``resent`` in the transport's stats). After the
+    Outcome, `reusable` says whether it may carry the next request (`begin` again); if not, it
+    is closed already, and a `begin` would connect anew. One exchange at a time, in one thread.
 
     A new socket connects to `Transport.addresses` in turn, on to the next when a connect
     fails at once; a timeout ends the exchange (the next connection starts elsewhere).
