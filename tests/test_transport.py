@@ -524,6 +524,14 @@ def test_on_a_loop_a_kept_connection_hears_the_servers_close_while_idle(scripted
     assert stats.snapshot().get("resent", 0) == 0
 
 
+def _half_closed_to(port: int | None) -> list[str]:
+    """Our TCP connections to 127.0.0.1:`port` that the server closed and we have not
+    (CLOSE_WAIT in /proc/net/tcp): what the loop closes on hearing the server's close."""
+    with open("/proc/net/tcp") as table:
+        rows = [line.split() for line in table.readlines()[1:]]
+    return [row[2] for row in rows if row[2] == f"0100007F:{port:04X}" and row[3] == "08"]
+
+
 def test_delivery_goes_on_after_the_server_closes_its_kept_connections_while_idle(
     scripted: Any,
 ) -> None:
@@ -534,10 +542,12 @@ def test_delivery_goes_on_after_the_server_closes_its_kept_connections_while_idl
     stats = Stats()
     delivery = Delivery(RecordQueue(16, 16, 0), Transport(settings.endpoint, API_KEY, 1, stats),
                         settings, stats)
+    port = urlsplit(srv.base_url).port
     try:
         for rid in (1, 2, 3):
             assert delivery.submit(rid, {"a": "b"}) and delivery.force_flush(10)
             wait_until(lambda n=rid: srv.closed == n, "the server to close the idle connection")
+            wait_until(lambda: not _half_closed_to(port), "the loop to close its end too")
     finally:
         delivery.shutdown(1)
     assert srv.ids == [1, 2, 3] and srv.connections == 3
