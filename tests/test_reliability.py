@@ -262,7 +262,10 @@ def test_a_retry_that_could_start_only_after_the_export_timeout_is_counted_and_t
         assert p.flush(5000) is False
     finally:
         logging.getLogger("otel_metadata").removeHandler(slow)
-    assert p.processor.stats()["dropped.retries_exhausted"] == 1
+    stats = p.processor.stats()
+    # One POST, and no retry counted: the retry never started.
+    assert stats["dropped.retries_exhausted"] == 1 and stats["posts"] == 1
+    assert stats["retried"] == 0
     told = [r.getMessage() for r in caplog.records if "giving up" in r.getMessage()]
     assert len(told) == 1 and "HTTP 503" in told[0], told
 

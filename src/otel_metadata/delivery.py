@@ -349,12 +349,12 @@ class Delivery:
         if self._key_rejected:
             self._finish(post, "dropped.unauthorized")
             return
-        if retried:
-            self._stats.add("retried")
         timeout = min(self._settings.request_timeout_s, post.deadline - self._clock())
         if not timeout > 0:  # due before the deadline, but the loop came to it late
             self._give_up(post)
             return
+        if retried:  # counted once the retry's POST really starts
+            self._stats.add("retried")
         entry = post.entry
         request = self._transport.request(entry.request_id, entry.metadata)
         post.started = self.concurrency.acquire()
