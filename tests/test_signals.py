@@ -23,6 +23,7 @@ from otel_metadata.testing.track_metadata import TrackMetadataServer
 APPS = Path(__file__).parent / "apps"
 BIN = Path(sys.executable).parent
 REQUESTS = 50
+WORKERS = 2  # gunicorn's
 
 
 def _free_port() -> int:
@@ -35,24 +36,29 @@ def _command(kind: str, port: int) -> list[str]:
     if kind == "uvicorn":
         return [str(BIN / "uvicorn"), "web_servers:app", "--host", "127.0.0.1",
                 "--port", str(port), "--log-level", "warning"]
-    return [str(BIN / "gunicorn"), "--preload", "-w", "2", "-b", f"127.0.0.1:{port}",
-            "--graceful-timeout", "30", "web_servers:wsgi"]
+    return [str(BIN / "gunicorn"), "--preload", "-w", str(WORKERS), "-b", f"127.0.0.1:{port}",
+            "--graceful-timeout", "30", "-c", str(APPS / "gunicorn_ready.py"), "web_servers:wsgi"]
 
 
 @pytest.fixture
-def start_app() -> Iterator[object]:
+def start_app(tmp_path_factory: pytest.TempPathFactory) -> Iterator[object]:
     started: list[subprocess.Popen[str]] = []
 
     def start(kind: str, base_url: str, **env: str) -> tuple[subprocess.Popen[str], int]:
         port = _free_port()
+        ready = tmp_path_factory.mktemp("workers-ready")
         child_env = {k: v for k, v in os.environ.items()
                      if not k.startswith(("OTEL_", "PROMPTLAYER_"))}
         child_env.update(PROMPTLAYER_API_KEY=API_KEY, PROMPTLAYER_BASE_URL=base_url,
-                         PYTHONPATH=str(APPS), PYTHONFAULTHANDLER="1", **env)
+                         PYTHONPATH=str(APPS), PYTHONFAULTHANDLER="1",
+                         WORKERS_READY_DIR=str(ready), **env)
         proc = subprocess.Popen(_command(kind, port), cwd=APPS, env=child_env, text=True,
                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE)
         started.append(proc)
         assert wait_for(lambda: _answers(port) or proc.poll() is not None, timeout=30)
+        if kind == "gunicorn":  # a SIGTERM before a worker set its handlers would be lost
+            assert wait_for(lambda: len(os.listdir(ready)) == WORKERS or proc.poll() is not None,
+                            timeout=30)
         assert proc.poll() is None, proc.communicate()
         return proc, port
 
