@@ -135,6 +135,17 @@ def request_in(p: Pipeline, ctx: Any, request_id: int | str = 1) -> None:
         otel_context.detach(token)
 
 
+def tcp_sockets() -> list[list[str]]:
+    """This host's TCP sockets, IPv4 and IPv6, one row of /proc/net/tcp* fields each (Linux):
+    [1] local and [2] remote address as hex ``ADDR:PORT``, [3] the state (``0A`` LISTEN,
+    ``08`` CLOSE_WAIT), [9] the socket's inode."""
+    rows = []
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        with open(table) as lines:
+            rows += [line.split() for line in lines.readlines()[1:]]
+    return rows
+
+
 def wait_until(condition: Callable[[], object], what: str = "", timeout: float = 10.0) -> None:
     """`wait_for`, failing the test (saying `what` it waited for) at the deadline."""
     if not wait_for(condition, timeout):

@@ -24,7 +24,7 @@ from typing import Any
 import grpc
 import pytest
 import requests
-from conftest import API_KEY, FAST_RETRY, wait_until
+from conftest import API_KEY, FAST_RETRY, tcp_sockets, wait_until
 from google.protobuf import json_format
 from google.rpc import error_details_pb2, status_pb2
 from hypothesis import HealthCheck, given, settings
@@ -705,13 +705,8 @@ def _listening_ports(pid: int) -> set[int]:
             continue
         if target.startswith("socket:["):
             inodes.add(target[8:-1])
-    ports = set()
-    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
-        for line in Path(table).read_text().splitlines()[1:]:
-            fields = line.split()
-            if fields[3] == "0A" and fields[9] in inodes:  # 0A: LISTEN
-                ports.add(int(fields[1].rsplit(":", 1)[1], 16))
-    return ports
+    return {int(fields[1].rsplit(":", 1)[1], 16) for fields in tcp_sockets()
+            if fields[3] == "0A" and fields[9] in inodes}
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")

@@ -28,7 +28,7 @@ from urllib.parse import urlsplit
 
 import pytest
 import trustme
-from conftest import API_KEY, wait_until
+from conftest import API_KEY, tcp_sockets, wait_until
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -526,12 +526,11 @@ def test_on_a_loop_a_kept_connection_hears_the_servers_close_while_idle(scripted
 
 def _half_closed_to(port: int | None) -> list[str]:
     """Our TCP connections to 127.0.0.1:`port` that the server closed and we have not
-    (CLOSE_WAIT in /proc/net/tcp): what the loop closes on hearing the server's close."""
-    with open("/proc/net/tcp") as table:
-        rows = [line.split() for line in table.readlines()[1:]]
-    return [row[2] for row in rows if row[2] == f"0100007F:{port:04X}" and row[3] == "08"]
+    (CLOSE_WAIT): what the loop closes on hearing the server's close."""
+    return [row[2] for row in tcp_sockets() if row[2] == f"0100007F:{port:04X}" and row[3] == "08"]
 
 
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
 def test_delivery_goes_on_after_the_server_closes_its_kept_connections_while_idle(
     scripted: Any,
 ) -> None:
