@@ -19,7 +19,7 @@ from opentelemetry.sdk.trace import Tracer
 from opentelemetry.trace import Span
 from promptlayer import AsyncPromptLayer, PromptLayer
 
-from otel_metadata.testing.promptlayer_api import MODEL, PromptLayerAPI
+from otel_metadata.testing.promptlayer_api import ANTHROPIC_MODEL, MODEL, PromptLayerAPI
 
 PROMPT, VARIABLES = "greeting", {"name": "Ana"}
 MESSAGES = [{"role": "user", "content": "What is OpenTelemetry?"}]
@@ -96,6 +96,26 @@ def _proxy(c: Clients, **kwargs: Any) -> Any:
     return stream_of(answer) if kwargs.get("stream") else answer
 
 
+def _anthropic(c: Clients, **kwargs: Any) -> Any:
+    return c.sync.anthropic.Anthropic().messages.create(model=ANTHROPIC_MODEL, max_tokens=256,
+                                                        messages=MESSAGES, **kwargs)
+
+
+def _anthropic_async(c: Clients, **kwargs: Any) -> Any:
+    return c.aio.anthropic.AsyncAnthropic().messages.create(
+        model=ANTHROPIC_MODEL, max_tokens=256, messages=MESSAGES, **kwargs)
+
+
+def _proxy_anthropic(c: Clients, **kwargs: Any) -> Any:
+    answer = _anthropic(c, **kwargs)
+    return stream_of(answer) if kwargs.get("stream") else answer
+
+
+async def _proxy_anthropic_async(c: Clients, **kwargs: Any) -> Any:
+    answer = await _anthropic_async(c, **kwargs)
+    return await astream_of(answer) if kwargs.get("stream") else answer
+
+
 STYLES: dict[str, Callable[[Clients], Any]] = {
     "run": lambda c: c.sync.run(PROMPT, input_variables=VARIABLES),
     "run_stream": lambda c: stream_of(c.sync.run(PROMPT, input_variables=VARIABLES, stream=True)),
@@ -113,6 +133,13 @@ STYLES: dict[str, Callable[[Clients], Any]] = {
     "proxy_async": lambda c: c.wait(_proxy_async(c)),
     "proxy_async_pl_id": lambda c: c.wait(_proxy_async(c, return_pl_id=True)),
     "proxy_async_stream": lambda c: c.wait(_proxy_async(c, stream=True)),
+    "anthropic": lambda c: _proxy_anthropic(c),
+    "anthropic_pl_id": lambda c: _proxy_anthropic(c, return_pl_id=True),
+    "anthropic_stream": lambda c: _proxy_anthropic(c, stream=True),
+    "anthropic_stream_pl_id": lambda c: _proxy_anthropic(c, stream=True, return_pl_id=True),
+    "anthropic_async": lambda c: c.wait(_proxy_anthropic_async(c)),
+    "anthropic_async_pl_id": lambda c: c.wait(_proxy_anthropic_async(c, return_pl_id=True)),
+    "anthropic_async_stream": lambda c: c.wait(_proxy_anthropic_async(c, stream=True)),
 }
 
 
@@ -137,4 +164,8 @@ LATER: dict[str, tuple[Callable[[Clients], Any], Callable[[Clients, Any], Any]]]
         model=MODEL, messages=MESSAGES), Clients.wait_for),
     "proxy_async_stream": (lambda c: c.wait(_proxy_stream_async(c)),
                            lambda c, s: c.wait(astream_of(s))),
+    "anthropic_stream": (lambda c: _anthropic(c, stream=True), lambda c, s: stream_of(s)),
+    "anthropic_async": (_anthropic_async, Clients.wait_for),
+    "anthropic_async_stream": (lambda c: c.wait(_anthropic_async(c, stream=True)),
+                               lambda c, s: c.wait(astream_of(s))),
 }

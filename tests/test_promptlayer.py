@@ -26,7 +26,7 @@ from promptlayer_calls import LATER, PROMPT, STYLES, VARIABLES, Clients, handler
 import otel_metadata.promptlayer as instrumentation
 from otel_metadata import metadata_context
 from otel_metadata.promptlayer import _PATCHES, PromptLayerInstrumentor, _owner
-from otel_metadata.testing.promptlayer_api import PromptLayerAPI
+from otel_metadata.testing.promptlayer_api import ANTHROPIC_MODEL, PromptLayerAPI
 from otel_metadata.testing.track_metadata import TrackMetadataServer
 
 PL_14 = promptlayer.__version__.startswith("1.4.")
@@ -41,6 +41,8 @@ def api(server: TrackMetadataServer, monkeypatch: pytest.MonkeyPatch) -> Iterato
     with PromptLayerAPI(API_KEY, track_metadata=server) as fake:
         monkeypatch.setenv("OPENAI_API_KEY", fake.llm_api_key)
         monkeypatch.setenv("OPENAI_BASE_URL", fake.llm_base_url)
+        monkeypatch.setenv("ANTHROPIC_API_KEY", fake.llm_api_key)
+        monkeypatch.setenv("ANTHROPIC_BASE_URL", fake.anthropic_base_url)
         # The 1.5 SDK's tracing sets these; keep them from leaking into later tests.
         for name in ("OTEL_SEMCONV_STABILITY_OPT_IN",
                      "OTEL_INSTRUMENTATION_GENAI_CAPTURE_MESSAGE_CONTENT"):
@@ -304,6 +306,32 @@ def test_a_failure_of_ours_never_reaches_the_app(
         bare = STYLES[style](clients)
         monkeypatch.setattr(instrumentation, broken, fail)
         assert shape(STYLES[style](clients)) == shape(bare)
+
+
+@pytest.mark.parametrize(("change", "error", "reason"), [
+    ({"api_key": "sk-wrong"}, "AuthenticationError", "invalid x-api-key"),
+    ({"extra_body": {"temprature": 0.5}}, "BadRequestError", "Extra inputs are not permitted"),
+    ({"max_tokens": 0}, "BadRequestError", "max_tokens is missing or of the wrong type"),
+    ({"messages": [{"role": "assistant", "content": "hi"}]}, "BadRequestError",
+     "the first message must use the user role"),
+], ids=["key", "unknown field", "max_tokens", "first turn"])
+def test_the_local_messages_api_refuses_what_anthropics_would(
+        change: dict[str, Any], error: str, reason: str, api: PromptLayerAPI) -> None:
+    """The Anthropic proxies are only as well tested as the fake is strict."""
+    import anthropic
+
+    def client(api_key: str = api.llm_api_key) -> anthropic.Anthropic:
+        return anthropic.Anthropic(api_key=api_key, base_url=api.anthropic_base_url,
+                                   max_retries=0)
+
+    request = {"model": ANTHROPIC_MODEL, "max_tokens": 16,
+               "messages": [{"role": "user", "content": "hi"}]}
+    bad = {k: v for k, v in change.items() if k != "api_key"}
+    with pytest.raises(anthropic.APIStatusError) as refused:
+        client(change.get("api_key", api.llm_api_key)).messages.create(**{**request, **bad})
+    assert type(refused.value).__name__ == error and reason in str(refused.value)
+    answer = client().messages.create(**request)  # as asked, it is answered
+    assert answer.content[0].text == "You asked: hi"  # type: ignore[union-attr]
 
 
 def test_opentelemetry_instrument_finds_it_by_entry_point() -> None:

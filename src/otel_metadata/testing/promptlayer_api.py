@@ -25,8 +25,19 @@ A field of the wrong type, a missing required one or one neither the reference n
 is refused (400/401/404/422, recorded in `refused`), so an SDK call that the real API would
 refuse fails here too. Every request ID issued is recorded in `logged`.
 
-The model: ``POST /v1/chat/completions``, OpenAI-compatible (bearer `llm_api_key`), answering
-"You asked: <last message>", streamed as server-sent events when ``stream`` is true;
+The model, answering "You asked: <last message>", streamed as server-sent events when ``stream``
+is true, in two dialects:
+
+- ``POST /v1/chat/completions``, OpenAI-compatible (bearer `llm_api_key`);
+- ``POST /v1/messages``, Anthropic's Messages API (`anthropic_base_url`): `llm_api_key` as
+  ``x-api-key`` or as a bearer token (the ``anthropic`` client sends one or the other, by
+  version) and an ``anthropic-version`` header; ``model``, ``max_tokens`` (int > 0) and
+  ``messages`` (user/assistant turns, the first a user's) required; a field the reference does
+  not list is refused, as the API's "Extra inputs are not permitted" does. Streamed as its
+  reference's events: ``message_start``, ``content_block_start``, ``ping``,
+  ``content_block_delta`` per word, ``content_block_stop``, ``message_delta``,
+  ``message_stop``.
+
 `fail_llm` makes the next calls fail with a 400, as a provider refusing a request does.
 """
 
@@ -45,6 +56,7 @@ from .track_metadata import PATH as TRACK_METADATA_PATH
 from .track_metadata import TrackMetadataServer
 
 MODEL = "gpt-4o-mini"
+ANTHROPIC_MODEL = "claude-haiku-4-5"
 _BLUEPRINT_TYPES = {"chat", "completion"}
 _STATUSES = {"SUCCESS", "WARNING", "ERROR"}
 
@@ -153,6 +165,22 @@ _LOG_OPTIONAL: dict[str, Check] = {
     "error_type": _is_str, "error_message": _is_str,
 }
 
+# Anthropic's Messages API (docs.anthropic.com, "Messages"): the body fields it lists.
+_MESSAGES_REQUIRED: dict[str, Check] = {
+    "model": lambda v: isinstance(v, str) and v != "",
+    "max_tokens": lambda v: _is_int(v) and v > 0,  # type: ignore[operator]
+    "messages": lambda v: isinstance(v, list) and all(
+        isinstance(m, dict) and m.get("role") in ("user", "assistant")
+        and (_is_str(m.get("content")) or _is_blocks(m.get("content"))) for m in v),
+}
+_MESSAGES_OPTIONAL: dict[str, Check] = {
+    "system": lambda v: _is_str(v) or _is_blocks(v), "stream": lambda v: isinstance(v, bool),
+    "metadata": _is_object, "stop_sequences": _is_str_list, "temperature": _is_number,
+    "top_p": _is_number, "top_k": _is_int, "tools": lambda v: isinstance(v, list),
+    "tool_choice": _is_object, "thinking": _is_object, "service_tier": _is_str,
+    "container": _is_str, "mcp_servers": lambda v: isinstance(v, list),
+}
+
 
 def _is_blocks(v: object) -> bool:
     return isinstance(v, list) and all(
@@ -172,17 +200,19 @@ def _is_blueprint(v: object) -> bool:
 
 
 def check_fields(body: Mapping[str, Any], required: Mapping[str, Check],
-                 optional: Mapping[str, Check]) -> None:
-    """Refuse (422) a body missing a required field, with a wrongly typed or an unknown one."""
+                 optional: Mapping[str, Check], status: int = 422) -> None:
+    """Refuse (`status`) a body missing a required field, with a wrongly typed or an unknown
+    one."""
     unknown = set(body) - set(required) - set(optional)
     if unknown:
-        raise Refused(422, f"unexpected fields {sorted(unknown)}")
+        raise Refused(status, f"unexpected fields {sorted(unknown)}: Extra inputs are not "
+                              "permitted")
     for name, check in required.items():
         if name not in body or not check(body[name]):
-            raise Refused(422, f"{name} is missing or of the wrong type")
+            raise Refused(status, f"{name} is missing or of the wrong type")
     for name, check in optional.items():
         if body.get(name) is not None and not check(body[name]):
-            raise Refused(422, f"{name} is of the wrong type")
+            raise Refused(status, f"{name} is of the wrong type")
 
 
 class PromptLayerAPI(LocalServer):
@@ -210,6 +240,11 @@ class PromptLayerAPI(LocalServer):
     def llm_base_url(self) -> str:
         """The OpenAI-compatible endpoint the templates run on (``provider_base_url``)."""
         return self._llm_base_url or f"{self.base_url}/v1"
+
+    @property
+    def anthropic_base_url(self) -> str:
+        """Where the ``anthropic`` client finds the Messages API (``ANTHROPIC_BASE_URL``)."""
+        return self.base_url
 
     def __enter__(self) -> PromptLayerAPI:
         return cast(PromptLayerAPI, self.start())
@@ -281,17 +316,33 @@ class PromptLayerAPI(LocalServer):
             self.spans_posts += 1
 
     def chat(self, body: Mapping[str, Any], headers: Mapping[str, str]) -> str:
-        """The model: a completion answering the last message (refused while `fail_llm` > 0)."""
+        """The model, OpenAI's way: the answer to the last message."""
         if headers.get("Authorization") != f"Bearer {self.llm_api_key}":
             raise Refused(401, "Incorrect API key provided")
         if not isinstance(body.get("model"), str) or not isinstance(body.get("messages"), list):
             raise Refused(400, "model and messages are required")
+        return self._answer(body["messages"][-1]["content"])
+
+    def messages(self, body: Mapping[str, Any], headers: Mapping[str, str]) -> str:
+        """The model, Anthropic's way (Messages API): the answer to the last message."""
+        if self.llm_api_key not in (headers.get("x-api-key"),
+                                    (headers.get("Authorization") or "").removeprefix("Bearer ")):
+            raise Refused(401, "invalid x-api-key")
+        if not headers.get("anthropic-version"):
+            raise Refused(400, "anthropic-version header is required")
+        check_fields(body, _MESSAGES_REQUIRED, _MESSAGES_OPTIONAL, status=400)
+        turns = body["messages"]
+        if not turns or turns[0].get("role") != "user":
+            raise Refused(400, "messages: the first message must use the user role")
+        return self._answer(turns[-1]["content"])
+
+    def _answer(self, last: object) -> str:
+        """'You asked: <last>' (refused while `fail_llm` > 0)."""
         with self._lock:
             failing = self.fail_llm > 0
             self.fail_llm -= failing
         if failing:
             raise Refused(400, "The model refused this request")
-        last = body["messages"][-1]["content"]
         return f"You asked: {last}"
 
 
@@ -310,6 +361,26 @@ def _chunks(answer: str, model: str, usage: bool) -> Iterator[dict[str, Any]]:
 
 
 _USAGE = {"prompt_tokens": 9, "completion_tokens": 5, "total_tokens": 14}
+
+
+def _message_events(answer: str, model: str) -> Iterator[tuple[str, dict[str, Any]]]:
+    """The answer as the Messages API streams it: (event name, data) in the reference's order."""
+    message: dict[str, Any] = {
+        "id": "msg_local", "type": "message", "role": "assistant", "model": model, "content": [],
+        "stop_reason": None, "stop_sequence": None,
+        "usage": {"input_tokens": 9, "output_tokens": 1}}
+    yield "message_start", {"type": "message_start", "message": message}
+    yield "content_block_start", {"type": "content_block_start", "index": 0,
+                                  "content_block": {"type": "text", "text": ""}}
+    yield "ping", {"type": "ping"}
+    for word in answer.split(" "):
+        yield "content_block_delta", {"type": "content_block_delta", "index": 0,
+                                      "delta": {"type": "text_delta", "text": word + " "}}
+    yield "content_block_stop", {"type": "content_block_stop", "index": 0}
+    yield "message_delta", {"type": "message_delta",
+                            "delta": {"stop_reason": "end_turn", "stop_sequence": None},
+                            "usage": {"output_tokens": 5}}
+    yield "message_stop", {"type": "message_stop"}
 
 
 class _Handler(JSONHandler):
@@ -334,6 +405,11 @@ class _Handler(JSONHandler):
             if path == "/v1/chat/completions":
                 self.answer(refused.status, {"error": {"message": refused.reason,
                                                       "type": "invalid_request_error"}})
+            elif path == "/v1/messages":
+                kind = ("authentication_error" if refused.status == 401
+                        else "invalid_request_error")
+                self.answer(refused.status, {"type": "error", "error": {
+                    "type": kind, "message": refused.reason}})
             else:
                 self.answer(refused.status, {"success": False, "message": refused.reason})
 
@@ -359,6 +435,8 @@ class _Handler(JSONHandler):
             self.answer(*owner.log_request(body, headers))  # type: ignore[arg-type]
         elif path == "/v1/chat/completions":
             self._answer_chat(body)
+        elif path == "/v1/messages":
+            self._answer_messages(body)
         else:
             raise Refused(404, f"no route {path}")
 
@@ -376,6 +454,19 @@ class _Handler(JSONHandler):
         events = b"".join(b"data: " + json.dumps(c).encode() + b"\n\n"
                           for c in _chunks(answer, model, usage))
         self.send_bytes(200, events + b"data: [DONE]\n\n", "text/event-stream")
+
+    def _answer_messages(self, body: dict[str, Any]) -> None:
+        answer = self.owner.messages(body, self.headers)  # type: ignore[arg-type]
+        model = body["model"]
+        if not body.get("stream"):
+            self.answer(200, {
+                "id": "msg_local", "type": "message", "role": "assistant", "model": model,
+                "content": [{"type": "text", "text": answer}], "stop_reason": "end_turn",
+                "stop_sequence": None, "usage": {"input_tokens": 9, "output_tokens": 5}})
+            return
+        events = b"".join(f"event: {name}\ndata: {json.dumps(data)}\n\n".encode()
+                          for name, data in _message_events(answer, model))
+        self.send_bytes(200, events, "text/event-stream")
 
     def _forward(self, raw: bytes) -> None:
         """Hand a track-metadata POST to the TrackMetadataServer, and its answer back."""
