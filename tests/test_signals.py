@@ -55,18 +55,21 @@ def start_app(tmp_path_factory: pytest.TempPathFactory) -> Iterator[object]:
         proc = subprocess.Popen(_command(kind, port), cwd=APPS, env=child_env, text=True,
                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE)
         started.append(proc)
-        assert wait_for(lambda: _answers(port) or proc.poll() is not None, timeout=30)
-        if kind == "gunicorn":  # a SIGTERM before a worker set its handlers would be lost
-            assert wait_for(lambda: len(os.listdir(ready)) == WORKERS or proc.poll() is not None,
-                            timeout=30)
+        up = wait_for(lambda: _answers(port) or proc.poll() is not None, timeout=30)
+        if up and kind == "gunicorn":  # a SIGTERM before a worker set its handlers is lost
+            up = wait_for(lambda: len(os.listdir(ready)) == WORKERS or proc.poll() is not None,
+                          timeout=30)
+        if not up:
+            pytest.fail(f"{kind} not up after 30 s; stderr:\n{_abort(proc)}")
         assert proc.poll() is None, proc.communicate()
         return proc, port
 
     yield start
-    for proc in started:
-        if proc.poll() is None:
-            proc.kill()
-        proc.communicate()
+    for proc in started:  # the workers first: an orphan would hold the pipes open
+        for pid in (*_children(proc.pid), proc.pid):
+            with contextlib.suppress(OSError):
+                os.kill(pid, signal.SIGKILL)
+        proc.communicate(timeout=30)
 
 
 def _answers(port: int) -> bool:
@@ -93,12 +96,17 @@ def _terminate(proc: subprocess.Popen[str], timeout: float = 30) -> tuple[float,
     try:
         stdout, stderr = proc.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
-        for pid in (*_children(proc.pid), proc.pid):
-            with contextlib.suppress(OSError):
-                os.kill(pid, signal.SIGABRT)
-        stdout, stderr = proc.communicate(timeout=30)
-        pytest.fail(f"still running {timeout:g} s after SIGTERM; stderr:\n{stderr[-20000:]}")
+        pytest.fail(f"still running {timeout:g} s after SIGTERM; stderr:\n{_abort(proc)}")
     return time.monotonic() - started, stdout, stderr
+
+
+def _abort(proc: subprocess.Popen[str]) -> str:
+    """SIGABRT to a stuck server and its workers: the end of what they logged, with every
+    thread's stack (PYTHONFAULTHANDLER)."""
+    for pid in (*_children(proc.pid), proc.pid):
+        with contextlib.suppress(OSError):
+            os.kill(pid, signal.SIGABRT)
+    return proc.communicate(timeout=30)[1][-20000:]
 
 
 def _children(pid: int) -> list[int]:

@@ -9,6 +9,7 @@ import json
 import logging
 import os
 import shutil
+import signal
 import sqlite3
 import subprocess
 import sys
@@ -335,6 +336,42 @@ def test_a_forked_child_opens_its_own_file_and_leaves_the_parents_alone(
         os.write(parent_writes, b"x")
         assert os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1]) == 0
     assert make(tmp_path).adopt() == 1  # the child is gone: its file is adopted too
+
+
+def test_a_child_forked_while_a_thread_writes_the_spool_opens_its_own(tmp_path: Path) -> None:
+    """A gunicorn `--preload` master forks workers while its sender and adoption write the
+    spool: a child forked while a thread was inside SQLite inherited SQLite's own mutexes
+    locked, and hung for ever opening its file (about 1 fork in 70 before the fix)."""
+    parent = make(tmp_path, max_size=10_000)
+    stop = threading.Event()
+
+    def churn() -> None:  # a sender's and an adopter's statements, back to back
+        n = 0
+        while not stop.is_set():
+            n += 1
+            parent.put(n % 500, {"k": "v" * 50})
+
+    writer = threading.Thread(target=churn, daemon=True)
+    writer.start()
+    hung = []
+    try:
+        for _ in range(200):
+            pid = os.fork()
+            if pid == 0:  # the child: never return into pytest
+                signal.alarm(10)  # a hang ends here, killed by SIGALRM
+                try:
+                    own = make(tmp_path)
+                    own.put(1, {"from": "child"})
+                    own.close()
+                finally:
+                    os._exit(0)
+            status = os.waitpid(pid, 0)[1]
+            if os.waitstatus_to_exitcode(status) != 0:
+                hung.append(status)
+    finally:
+        stop.set()
+        writer.join(10)
+    assert hung == []
 
 
 def test_put_never_waits_for_the_lock_a_sender_holds(tmp_path: Path) -> None:

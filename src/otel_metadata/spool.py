@@ -23,7 +23,11 @@ A pipeline adopts at start and then every `adopt_every_s` on a small thread of t
 own, and at every `flush` (so a flush covers what dead processes left).
 
 A forked child must not use (nor close) the connection it inherited: every open spool is
-disowned in the child right after the fork; the child's pipeline opens a file of its own.
+disowned in the child right after the fork; the child's pipeline opens a file of its own. And
+no thread of ours may be inside SQLite when the process forks: the child would inherit SQLite's
+own mutexes locked by a thread it does not have, and its first SQLite call (opening its file)
+would hang for ever (a gunicorn ``--preload`` master forking workers while it delivers or
+adopts). So a fork waits until each spool's locks are free, and holds them across the fork.
 
 Trouble with the disk (unwritable directory, full disk, corrupt file) never raises: one warning,
 our file is set aside (renamed to ``*.aside``) and the queue goes on in memory.
@@ -91,6 +95,13 @@ _HOLD = ("INSERT INTO records (rid, md, seq, state) VALUES (?1, ?2, 0, 1) "
 _INHERITED: list[object] = []
 # Every spool with a file open in this process, to disown in a forked child.
 _OPEN: weakref.WeakSet[SpoolQueue] = weakref.WeakSet()
+# Held while a spool opens its file, so a fork waits for that too.
+_OPENING = threading.Lock()
+# The locks a fork holds from just before it until just after, in both processes.
+_HELD_ACROSS_FORK: list[threading.Lock] = []
+# How long a fork waits for one of them (an adoption moving a large dead file holds one a while);
+# past that, it forks anyway rather than never.
+_FORK_WAIT_S = 10.0
 
 
 class _Under(dict[str, str]):
@@ -153,6 +164,10 @@ class SpoolQueue(RecordQueue):
         self._sizes: dict[str, int] = {}  # row key -> bytes it takes (every row of our file)
         self._offline: set[str] = set()  # rows held or parked: on disk, not in the queue
         self._bytes = 0
+        with _OPENING:
+            self._open_file()
+
+    def _open_file(self) -> None:
         name = f"spool-{os.getpid()}-{secrets.token_hex(6)}"
         # Locked under a name adopters skip, then renamed: nobody can take a new file for dead.
         tmp = os.path.join(self._dir, f".{name}.new")
@@ -433,14 +448,32 @@ class SpoolQueue(RecordQueue):
             self._lock_fd = -1
 
 
-def _disown_all() -> None:
+def _before_fork() -> None:
+    """Wait until no thread of ours is inside SQLite, and keep it so until the fork is done
+    (every statement we run holds its spool's `_db_lock`, or `_adopting` for dead files)."""
+    locks = [_OPENING]
+    for store in list(_OPEN):
+        locks += (store._adopting, store._db_lock)  # adoption's order: no deadlock with it
+    for lock in locks:
+        if lock.acquire(timeout=_FORK_WAIT_S):
+            _HELD_ACROSS_FORK.append(lock)
+
+
+def _after_fork_in_parent() -> None:
+    while _HELD_ACROSS_FORK:
+        _HELD_ACROSS_FORK.pop().release()
+
+
+def _after_fork_in_child() -> None:
+    _after_fork_in_parent()
     for store in list(_OPEN):
         store._disown()
     _OPEN.clear()
 
 
 if hasattr(os, "register_at_fork"):
-    os.register_at_fork(after_in_child=_disown_all)
+    os.register_at_fork(before=_before_fork, after_in_parent=_after_fork_in_parent,
+                        after_in_child=_after_fork_in_child)
 
 
 def _connect(path: str, synchronous: str, *, create: bool) -> sqlite3.Connection:
