@@ -8,6 +8,7 @@ compare what the app got with and without the instrumentor.
 from __future__ import annotations
 
 import asyncio
+import functools
 import time
 from collections.abc import Callable, Coroutine, Iterable, Iterator
 from contextlib import contextmanager
@@ -80,20 +81,22 @@ def log_args() -> dict[str, Any]:
     return {**LOGGED, "request_start_time": now, "request_end_time": now}
 
 
-async def _proxy_async(c: Clients, **kwargs: Any) -> Any:
-    client = c.aio.openai.AsyncOpenAI()
-    answer = await client.chat.completions.create(model=MODEL, messages=MESSAGES, **kwargs)
-    return await astream_of(answer) if kwargs.get("stream") else answer
-
-
 async def _run_stream_async(c: Clients) -> Any:
     return await astream_of(await c.aio.run(PROMPT, input_variables=VARIABLES, stream=True))
 
 
-def _proxy(c: Clients, **kwargs: Any) -> Any:
-    answer = c.sync.openai.OpenAI().chat.completions.create(model=MODEL, messages=MESSAGES,
+# A proxy's call, by provider (sync or async), taking the proxy's own keyword arguments.
+Call = Callable[..., Any]
+
+
+def _openai(c: Clients, **kwargs: Any) -> Any:
+    return c.sync.openai.OpenAI().chat.completions.create(model=MODEL, messages=MESSAGES,
+                                                            **kwargs)
+
+
+def _openai_async(c: Clients, **kwargs: Any) -> Any:
+    return c.aio.openai.AsyncOpenAI().chat.completions.create(model=MODEL, messages=MESSAGES,
                                                               **kwargs)
-    return stream_of(answer) if kwargs.get("stream") else answer
 
 
 def _anthropic(c: Clients, **kwargs: Any) -> Any:
@@ -106,14 +109,33 @@ def _anthropic_async(c: Clients, **kwargs: Any) -> Any:
         model=ANTHROPIC_MODEL, max_tokens=256, messages=MESSAGES, **kwargs)
 
 
-def _proxy_anthropic(c: Clients, **kwargs: Any) -> Any:
-    answer = _anthropic(c, **kwargs)
+def _proxy(call: Call, c: Clients, **kwargs: Any) -> Any:
+    answer = call(c, **kwargs)
     return stream_of(answer) if kwargs.get("stream") else answer
 
 
-async def _proxy_anthropic_async(c: Clients, **kwargs: Any) -> Any:
-    answer = await _anthropic_async(c, **kwargs)
+async def _proxy_async(call: Call, c: Clients, **kwargs: Any) -> Any:
+    answer = await call(c, **kwargs)
     return await astream_of(answer) if kwargs.get("stream") else answer
+
+
+_WAYS: dict[str, dict[str, bool]] = {
+    "": {}, "_pl_id": {"return_pl_id": True}, "_stream": {"stream": True},
+    "_stream_pl_id": {"stream": True, "return_pl_id": True}}
+
+
+def _proxy_styles(name: str, call: Call, acall: Call) -> dict[str, Callable[[Clients], Any]]:
+    """One provider's proxy every way an app calls it: sync (each of `_WAYS`) and async
+    (streamed or not, with or without ``return_pl_id``, not both)."""
+    styles: dict[str, Callable[[Clients], Any]] = {
+        name + way: functools.partial(_proxy, call, **kw) for way, kw in _WAYS.items()}
+    for way in ("", "_pl_id", "_stream"):
+        styles[f"{name}_async{way}"] = functools.partial(_wait_proxy, acall, **_WAYS[way])
+    return styles
+
+
+def _wait_proxy(acall: Call, c: Clients, **kwargs: Any) -> Any:
+    return c.wait(_proxy_async(acall, c, **kwargs))
 
 
 STYLES: dict[str, Callable[[Clients], Any]] = {
@@ -126,26 +148,9 @@ STYLES: dict[str, Callable[[Clients], Any]] = {
         lambda: c.wait(c.aio.run(PROMPT, input_variables=VARIABLES)), c.api),
     "log_request": lambda c: c.sync.log_request(**log_args()),
     "log_request_async": lambda c: c.wait(c.aio.log_request(**log_args())),
-    "proxy": lambda c: _proxy(c),
-    "proxy_pl_id": lambda c: _proxy(c, return_pl_id=True),
-    "proxy_stream": lambda c: _proxy(c, stream=True),
-    "proxy_stream_pl_id": lambda c: _proxy(c, stream=True, return_pl_id=True),
-    "proxy_async": lambda c: c.wait(_proxy_async(c)),
-    "proxy_async_pl_id": lambda c: c.wait(_proxy_async(c, return_pl_id=True)),
-    "proxy_async_stream": lambda c: c.wait(_proxy_async(c, stream=True)),
-    "anthropic": lambda c: _proxy_anthropic(c),
-    "anthropic_pl_id": lambda c: _proxy_anthropic(c, return_pl_id=True),
-    "anthropic_stream": lambda c: _proxy_anthropic(c, stream=True),
-    "anthropic_stream_pl_id": lambda c: _proxy_anthropic(c, stream=True, return_pl_id=True),
-    "anthropic_async": lambda c: c.wait(_proxy_anthropic_async(c)),
-    "anthropic_async_pl_id": lambda c: c.wait(_proxy_anthropic_async(c, return_pl_id=True)),
-    "anthropic_async_stream": lambda c: c.wait(_proxy_anthropic_async(c, stream=True)),
+    **_proxy_styles("proxy", _openai, _openai_async),
+    **_proxy_styles("anthropic", _anthropic, _anthropic_async),
 }
-
-
-async def _proxy_stream_async(c: Clients) -> Any:
-    return await c.aio.openai.AsyncOpenAI().chat.completions.create(
-        model=MODEL, messages=MESSAGES, stream=True)
 
 
 # Calls whose answer is read (a stream) or awaited (a coroutine) after the call returned:
@@ -158,11 +163,9 @@ LATER: dict[str, tuple[Callable[[Clients], Any], Callable[[Clients, Any], Any]]]
         lambda c: c.wait(c.aio.run(PROMPT, input_variables=VARIABLES, stream=True)),
         lambda c, s: c.wait(astream_of(s))),
     "log_request_async": (lambda c: c.aio.log_request(**log_args()), Clients.wait_for),
-    "proxy_stream": (lambda c: c.sync.openai.OpenAI().chat.completions.create(
-        model=MODEL, messages=MESSAGES, stream=True), lambda c, s: stream_of(s)),
-    "proxy_async": (lambda c: c.aio.openai.AsyncOpenAI().chat.completions.create(
-        model=MODEL, messages=MESSAGES), Clients.wait_for),
-    "proxy_async_stream": (lambda c: c.wait(_proxy_stream_async(c)),
+    "proxy_stream": (lambda c: _openai(c, stream=True), lambda c, s: stream_of(s)),
+    "proxy_async": (_openai_async, Clients.wait_for),
+    "proxy_async_stream": (lambda c: c.wait(_openai_async(c, stream=True)),
                            lambda c, s: c.wait(astream_of(s))),
     "anthropic_stream": (lambda c: _anthropic(c, stream=True), lambda c, s: stream_of(s)),
     "anthropic_async": (_anthropic_async, Clients.wait_for),
