@@ -2,7 +2,8 @@
 
 Every figure is printed beside a baseline measured in the same run, as a median of several
 repetitions. Pass ``--quick`` for fewer repetitions (a smoke run, not for quoting).
-Benchmarks talk to 127.0.0.1 only. Takes about nine minutes on a 2-core machine.
+Benchmarks talk to 127.0.0.1 only. Takes about eleven minutes on a 2-core machine, four of
+them counting instructions under valgrind.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from _common import HERE, clean_env_copy, machine, verdict
 # script, arguments for a full run, arguments for --quick
 BENCHMARKS: list[tuple[str, list[str], list[str]]] = [
     ("bench_hotpath.py", [], ["--reps", "3", "--rounds", "6"]),
+    ("bench_instructions.py", [], ["--warmup", "400", "--traces", "400"]),
     ("bench_delivery.py", [], ["--reps", "2", "--baseline-reps", "1"]),
     ("bench_coalescing.py", [], ["--reps", "1"]),
     ("bench_memory.py", [], ["--reps", "1"]),
@@ -50,6 +52,14 @@ def summary(results: dict[str, Any]) -> list[str]:
                 f"/span vs BSP +{res['bsp_added_us']:.2f} -> ratio {res['ratio']:.2f} "
                 f"(<= 0.35) {verdict(res['ratio'] <= 0.35)}; hooks that do nothing: "
                 f"{res['floor_ratio']:.2f}")
+    ins = results.get("bench_instructions.py")
+    if ins:
+        for res in ins["shapes"].values():
+            lines.append(
+                f"hot path in instructions ({res['shape']['title'].split(',')[0]}, callgrind): "
+                f"ours {res['ours']['Ir']:+,.0f} per span vs BSP {res['bsp']['Ir']:+,.0f} -> "
+                f"{res['ratio_instructions']:.2f}; estimated cycles "
+                f"{res['ratio_est_cycles']:.2f} (counts, not time)")
     dlv = results.get("bench_delivery.py")
     if dlv:
         lines.append(
